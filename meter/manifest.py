@@ -1,0 +1,551 @@
+"""The manifest: the truth of what is in the lake (see DESIGN.md sections 4 and 5).
+
+One file per flush, in one directory per Kafka partition::
+
+    LAKE/_meter/manifest/topic=T/partition=P/{start:020d}.json
+    LAKE/_meter/manifest/topic=T/partition=P/origin.json   (a copy of the first entry)
+
+Each entry covers the offsets ``[start, end)`` and lists the data files holding them.
+A partition's entries form a contiguous chain; its end is where consumption resumes
+and what is committed to Kafka. Several daemons share one lake, so there is no
+single-writer database: entries are created with an exclusive link, which fences a
+writer that lost its partition but keeps flushing (see `append_entry`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Context, Decimal, Inexact, localcontext
+from pathlib import Path
+from typing import Final, TypeVar
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from meter.lake import (
+    META_DIR,
+    Kind,
+    LakePath,
+    check_topic,
+    fsync_dir,
+    make_dirs,
+    new_token,
+    parse_rel_path,
+    temp_name,
+)
+from meter.schema import TOKEN_COLUMNS
+
+__all__ = [
+    "FileRecord",
+    "ManifestConflict",
+    "ManifestCorrupt",
+    "ManifestEntry",
+    "ManifestError",
+    "PartitionState",
+    "Totals",
+    "append_entry",
+    "entry_path",
+    "event_totals",
+    "format_cost",
+    "list_partitions",
+    "listed_files",
+    "load_partition",
+    "origin_path",
+    "partition_dir",
+    "reject_counts",
+    "totals",
+]
+
+FORMAT_VERSION: Final = 1
+ORIGIN_NAME: Final = "origin.json"
+_ENTRY_RE = re.compile(r"(\d{20})\.json")
+_COST_RE = re.compile(r"\d+(\.\d+)?")
+_KINDS: Final = ("events", "dlq")
+_T = TypeVar("_T")
+#: Sums of costs are exact: far beyond decimal128(38, 12), and inexact results raise.
+_EXACT = Context(prec=200, traps=[Inexact])
+
+
+class ManifestError(Exception):
+    """Base of the manifest's errors."""
+
+
+class ManifestConflict(ManifestError):
+    """Another writer already claimed this start offset: this writer is stale.
+
+    The partition moved on without us (a rebalance, or a second daemon on the same
+    partition); reload the partition and resume from its position, discarding the batch.
+    """
+
+    def __init__(self, topic: str, partition: int, start: int, name: str) -> None:
+        super().__init__(
+            f"{topic}[{partition}]: {name} already exists: another writer claimed "
+            f"offset {start}; reload the manifest and resume from its position"
+        )
+        self.topic = topic
+        self.partition = partition
+        self.start = start
+
+
+class ManifestCorrupt(ManifestError):
+    """The manifest contradicts itself (a gap or overlap, an unreadable entry)."""
+
+
+# --- pure: paths ----------------------------------------------------------------------
+
+
+def partition_dir(lake: LakePath, topic: str, partition: int) -> Path:
+    """``LAKE/_meter/manifest/topic=T/partition=P``: one partition's entries."""
+    check_topic(topic)
+    if partition < 0:
+        raise ValueError(f"partition must be >= 0, got {partition}")
+    return Path(lake) / META_DIR / "manifest" / f"topic={topic}" / f"partition={partition}"
+
+
+def entry_path(lake: LakePath, topic: str, partition: int, start: int) -> Path:
+    """The one name an entry starting at ``start`` can have: the fence of `append_entry`."""
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    return partition_dir(lake, topic, partition) / f"{start:020d}.json"
+
+
+def origin_path(lake: LakePath, topic: str, partition: int) -> Path:
+    """Where the first entry of a partition is claimed (see `append_entry`)."""
+    return partition_dir(lake, topic, partition) / ORIGIN_NAME
+
+
+# --- pure: entries ----------------------------------------------------------------------
+
+
+def _typed(value: object, typ: type[_T], what: str) -> _T:
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ValueError(f"{what}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _count(value: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be an int >= 0, got {value!r}")
+
+
+def format_cost(cost: Decimal) -> str:
+    """The manifest's form of a cost: plain decimal digits, no exponent, exact."""
+    if not cost.is_finite() or cost < 0:
+        raise ValueError(f"cost must be a finite decimal >= 0, got {cost}")
+    return format(cost, "f")
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """One data file a flush wrote: its path relative to LAKE, kind, rows and size."""
+
+    path: str
+    kind: Kind
+    rows: int
+    bytes: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"file kind must be one of {_KINDS}, got {self.kind!r}")
+        if parse_rel_path(self.path).kind != self.kind:
+            raise ValueError(f"{self.path} is not a {self.kind} file")
+        _count(self.rows, "rows")
+        _count(self.bytes, "bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestEntry:
+    """One durable flush of offsets ``[start, end)`` of a partition.
+
+    ``end`` is the offset committed to Kafka after this entry is durable. ``messages``
+    counts consumed messages (fewer than ``end - start`` where offsets are missing:
+    compaction, transaction markers); one message may hold several events, so
+    ``accepted + rejected >= messages``. ``cost_usd`` is the exact decimal sum of
+    non-null costs; ``unpriced`` counts accepted rows with a null cost.
+    Validated on construction, so a loaded entry is a consistent one.
+    """
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+    messages: int
+    accepted: int
+    rejected: int
+    rejects_by_reason: Mapping[str, int] = field(hash=False)
+    tokens: Mapping[str, int] = field(hash=False)
+    cost_usd: str
+    unpriced: int
+    files: tuple[FileRecord, ...]
+    writer: str
+    written_at_ms: int
+
+    def __post_init__(self) -> None:
+        check_topic(self.topic)
+        for name in ("partition", "start", "messages", "accepted", "rejected", "unpriced"):
+            _count(getattr(self, name), name)
+        _count(self.written_at_ms, "written_at_ms")
+        _count(self.end, "end")
+        where = f"{self.topic}[{self.partition}] {self.start}..{self.end}"
+        if self.start >= self.end:
+            raise ValueError(f"{where}: start must be < end")
+        if not 1 <= self.messages <= self.end - self.start:
+            raise ValueError(f"{where}: messages must be in 1..end-start, got {self.messages}")
+        if self.accepted + self.rejected < self.messages:
+            raise ValueError(
+                f"{where}: accepted {self.accepted} + rejected {self.rejected} < "
+                f"messages {self.messages}: a message went missing"
+            )
+        if self.unpriced > self.accepted:
+            raise ValueError(f"{where}: unpriced {self.unpriced} > accepted {self.accepted}")
+        if not isinstance(self.writer, str):
+            raise ValueError(f"{where}: writer must be a string")
+
+        reasons = dict(sorted(self.rejects_by_reason.items()))
+        for reason, n in reasons.items():
+            _typed(reason, str, "reason")
+            _count(n, f"rejects_by_reason[{reason!r}]")
+        if sum(reasons.values()) != self.rejected:
+            raise ValueError(
+                f"{where}: rejects_by_reason sums to {sum(reasons.values())}, "
+                f"rejected is {self.rejected}"
+            )
+        unknown = set(self.tokens) - set(TOKEN_COLUMNS)
+        if unknown:
+            raise ValueError(f"{where}: unknown token buckets {sorted(unknown)}")
+        tokens = {k: self.tokens.get(k, 0) for k in TOKEN_COLUMNS}
+        for k, n in tokens.items():
+            _count(n, f"tokens[{k!r}]")
+        if not isinstance(self.cost_usd, str) or not _COST_RE.fullmatch(self.cost_usd):
+            raise ValueError(
+                f"{where}: cost_usd must be a plain decimal string, got {self.cost_usd!r}"
+            )
+
+        files = tuple(self.files)
+        rows = {k: 0 for k in _KINDS}
+        for f in files:
+            _typed(f, FileRecord, "files[]")
+            p = parse_rel_path(f.path)
+            if (p.topic, p.partition, p.start, p.end) != (
+                self.topic,
+                self.partition,
+                self.start,
+                self.end,
+            ):
+                raise ValueError(f"{where}: file {f.path} is named for another range")
+            rows[f.kind] += f.rows
+        if len({f.path for f in files}) != len(files):
+            raise ValueError(f"{where}: a file is listed twice")
+        if rows["events"] != self.accepted or rows["dlq"] != self.rejected:
+            raise ValueError(
+                f"{where}: files hold {rows['events']} event and {rows['dlq']} DLQ rows, "
+                f"entry says accepted {self.accepted}, rejected {self.rejected}"
+            )
+        object.__setattr__(self, "rejects_by_reason", reasons)
+        object.__setattr__(self, "tokens", tokens)
+        object.__setattr__(self, "files", files)
+
+    @property
+    def cost(self) -> Decimal:
+        return Decimal(self.cost_usd)
+
+    def to_json(self) -> bytes:
+        """Deterministic JSON: sorted keys, so equal entries are equal bytes."""
+        return orjson.dumps(
+            {
+                "v": FORMAT_VERSION,
+                "topic": self.topic,
+                "partition": self.partition,
+                "start": self.start,
+                "end": self.end,
+                "messages": self.messages,
+                "accepted": self.accepted,
+                "rejected": self.rejected,
+                "rejects_by_reason": dict(self.rejects_by_reason),
+                "tokens": dict(self.tokens),
+                "cost_usd": self.cost_usd,
+                "unpriced": self.unpriced,
+                "files": [
+                    {"path": f.path, "kind": f.kind, "rows": f.rows, "bytes": f.bytes}
+                    for f in self.files
+                ],
+                "writer": self.writer,
+                "written_at_ms": self.written_at_ms,
+            },
+            option=orjson.OPT_SORT_KEYS,
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ManifestEntry:
+        """Parse and validate; raises ValueError on anything malformed."""
+        try:
+            d = _typed(orjson.loads(data), dict, "entry")
+        except orjson.JSONDecodeError as e:
+            raise ValueError(f"invalid JSON: {e}") from e
+        try:
+            if d["v"] != FORMAT_VERSION:
+                raise ValueError(f"unknown manifest format version {d['v']!r}")
+            files = tuple(
+                FileRecord(
+                    path=_typed(f["path"], str, "path"),
+                    kind=_typed(f["kind"], str, "kind"),  # type: ignore[arg-type]
+                    rows=_typed(f["rows"], int, "rows"),
+                    bytes=_typed(f["bytes"], int, "bytes"),
+                )
+                for f in _typed(d["files"], list, "files")
+            )
+            return cls(
+                topic=_typed(d["topic"], str, "topic"),
+                partition=_typed(d["partition"], int, "partition"),
+                start=_typed(d["start"], int, "start"),
+                end=_typed(d["end"], int, "end"),
+                messages=_typed(d["messages"], int, "messages"),
+                accepted=_typed(d["accepted"], int, "accepted"),
+                rejected=_typed(d["rejected"], int, "rejected"),
+                rejects_by_reason=_typed(d["rejects_by_reason"], dict, "rejects_by_reason"),
+                tokens=_typed(d["tokens"], dict, "tokens"),
+                cost_usd=_typed(d["cost_usd"], str, "cost_usd"),
+                unpriced=_typed(d["unpriced"], int, "unpriced"),
+                files=files,
+                writer=_typed(d["writer"], str, "writer"),
+                written_at_ms=_typed(d["written_at_ms"], int, "written_at_ms"),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed entry: {e!r}") from e
+
+
+def event_totals(events: pa.Table) -> tuple[dict[str, int], str, int]:
+    """(tokens per bucket, exact cost string, unpriced rows) of accepted event rows."""
+    tokens = {k: int(pc.sum(events.column(k)).as_py() or 0) for k in TOKEN_COLUMNS}
+    cost_col = events.column("cost_usd")
+    if not pa.types.is_decimal(cost_col.type):
+        raise TypeError(f"cost_usd must be a decimal column, got {cost_col.type}")
+    total = pc.sum(cost_col).as_py()
+    cost = format_cost(total if total is not None else Decimal(0))
+    return tokens, cost, cost_col.null_count
+
+
+def reject_counts(dlq: pa.Table) -> dict[str, int]:
+    """Rejected rows per reason code of a DLQ table."""
+    counts = pc.value_counts(dlq.column("reason")).to_pylist()
+    return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
+
+
+# --- I/O: the fenced append -------------------------------------------------------------
+
+
+def _link_exclusive(src: Path, dst: Path, entry: ManifestEntry) -> None:
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise ManifestConflict(entry.topic, entry.partition, entry.start, dst.name) from None
+
+
+def append_entry(lake: LakePath, entry: ManifestEntry, *, after: int | None) -> Path:
+    """Durably add ``entry`` to its partition's chain, or raise `ManifestConflict`.
+
+    ``after`` is the partition position this writer built on: the chain end it read
+    from the manifest (or its own previous entry's end), or None if it read no entry.
+
+    Why this fences a zombie: every writer starts an entry at a chain end it read, and
+    the chain only grows at its end, so every position a writer can have read is, once
+    passed, the start of an existing entry. Two writers that raced from the same
+    position therefore collide on the same file name, and ``os.link`` (unlike rename)
+    never replaces: the second one fails with EEXIST and must not commit to Kafka.
+    A partition's first entry has no earlier end to collide on (two writers may start
+    from different low watermarks), so it first claims ``origin.json``, a copy of the
+    entry, the same way.
+
+    Steps: write a uniquely named temp file and fsync it; link it to ``origin.json``
+    when first; link it to the entry's name; fsync the directory (the entry is now
+    durable: only then may offsets be committed); drop the temp name.
+    """
+    if after is not None and after != entry.start:
+        raise ValueError(
+            f"{entry.topic}[{entry.partition}]: entry starts at {entry.start}, "
+            f"but the chain this writer read ends at {after}"
+        )
+    final = entry_path(lake, entry.topic, entry.partition, entry.start)
+    make_dirs(final.parent)
+    tmp = final.with_name(temp_name(final.name, new_token()))
+    try:
+        with open(tmp, "xb") as f:
+            f.write(entry.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        if after is None:
+            _link_exclusive(tmp, final.with_name(ORIGIN_NAME), entry)
+        _link_exclusive(tmp, final, entry)
+        fsync_dir(final.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+# --- I/O: reading -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionState:
+    """A partition's validated chain of entries, sorted by start."""
+
+    topic: str
+    partition: int
+    entries: tuple[ManifestEntry, ...]
+
+    @property
+    def position(self) -> int | None:
+        """Where consumption resumes: the chain's end, or None if nothing was flushed."""
+        return self.entries[-1].end if self.entries else None
+
+    @property
+    def first(self) -> int | None:
+        """The first offset the chain covers, or None."""
+        return self.entries[0].start if self.entries else None
+
+    def covers(self, offset: int) -> bool:
+        """Whether a durable entry holds ``offset`` (the chain has no holes)."""
+        return bool(self.entries) and self.entries[0].start <= offset < self.entries[-1].end
+
+
+def _read_entry(path: Path) -> ManifestEntry:
+    try:
+        return ManifestEntry.from_json(path.read_bytes())
+    except ValueError as e:
+        raise ManifestCorrupt(f"{path.name}: {e}") from e
+
+
+def load_partition(lake: LakePath, topic: str, partition: int) -> PartitionState:
+    """Read and check one partition's chain; raises `ManifestCorrupt` on gap or overlap.
+
+    Hidden names (temp files of an append in flight or crashed) and other stray names
+    are not entries and are skipped. ``origin.json`` stands in for the first entry if
+    a crash came between its two links.
+    """
+    where = f"{topic}[{partition}]"
+    d = partition_dir(lake, topic, partition)
+    try:
+        names = sorted(os.listdir(d))
+    except FileNotFoundError:
+        return PartitionState(topic, partition, ())
+    entries: dict[int, ManifestEntry] = {}
+    origin: ManifestEntry | None = None
+    for name in names:
+        if name == ORIGIN_NAME:
+            origin = _read_entry(d / name)
+            continue
+        m = _ENTRY_RE.fullmatch(name)
+        if m is None:
+            continue
+        e = _read_entry(d / name)
+        if e.start != int(m.group(1)):
+            raise ManifestCorrupt(f"{where}: {name} holds an entry starting at {e.start}")
+        entries[e.start] = e
+    for e in (*entries.values(), *([origin] if origin else [])):
+        if (e.topic, e.partition) != (topic, partition):
+            raise ManifestCorrupt(f"{where}: entry {e.start} is for {e.topic}[{e.partition}]")
+    if origin is not None:
+        same = entries.setdefault(origin.start, origin)
+        if same != origin:
+            raise ManifestCorrupt(f"{where}: {ORIGIN_NAME} differs from entry {origin.start}")
+    chain = tuple(entries[s] for s in sorted(entries))
+    if origin is not None and chain[0].start != origin.start:
+        raise ManifestCorrupt(
+            f"{where}: entry {chain[0].start} precedes the first entry {origin.start}"
+        )
+    for prev, e in itertools.pairwise(chain):
+        if e.start > prev.end:
+            raise ManifestCorrupt(
+                f"{where}: gap: offsets {prev.end}..{e.start} are in no entry "
+                f"(entry {prev.start}..{prev.end}, then {e.start}..{e.end})"
+            )
+        if e.start < prev.end:
+            raise ManifestCorrupt(
+                f"{where}: overlap: entry {prev.start}..{prev.end} and "
+                f"entry {e.start}..{e.end} both cover {e.start}..{prev.end}"
+            )
+    return PartitionState(topic, partition, chain)
+
+
+def list_partitions(lake: LakePath) -> list[tuple[str, int]]:
+    """Every (topic, partition) with a manifest directory, sorted."""
+    root = Path(lake) / META_DIR / "manifest"
+    out: list[tuple[str, int]] = []
+    if not root.is_dir():
+        return out
+    for tdir in root.iterdir():
+        if not tdir.is_dir() or not tdir.name.startswith("topic="):
+            continue
+        topic = tdir.name.removeprefix("topic=")
+        check_topic(topic)
+        for pdir in tdir.iterdir():
+            p = pdir.name.removeprefix("partition=")
+            if pdir.is_dir() and p != pdir.name and p.isascii() and p.isdigit():
+                out.append((topic, int(p)))
+    return sorted(out)
+
+
+def _all_entries(lake: LakePath) -> list[ManifestEntry]:
+    return [e for t, p in list_partitions(lake) for e in load_partition(lake, t, p).entries]
+
+
+def listed_files(lake: LakePath, kind: Kind) -> list[str]:
+    """Paths (POSIX, relative to LAKE) of every ``kind`` file the manifest lists.
+
+    What analyst views read, never a directory glob: a file no entry lists (an orphan,
+    a stray or forged one) is never counted.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    return [f.path for e in _all_entries(lake) for f in e.files if f.kind == kind]
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Sums over every entry of the lake."""
+
+    partitions: int
+    entries: int
+    messages: int
+    accepted: int
+    rejected: int
+    rejects_by_reason: dict[str, int]
+    tokens: dict[str, int]
+    cost_usd: str
+    unpriced: int
+    files: int
+    bytes: int
+
+
+def totals(lake: LakePath) -> Totals:
+    """Sum the manifest: what the lake holds, without reading a data file."""
+    entries = _all_entries(lake)
+    reasons: dict[str, int] = {}
+    tokens = dict.fromkeys(TOKEN_COLUMNS, 0)
+    cost = Decimal(0)
+    with localcontext(_EXACT):
+        for e in entries:
+            cost += Decimal(e.cost_usd)
+    for e in entries:
+        for r, n in e.rejects_by_reason.items():
+            reasons[r] = reasons.get(r, 0) + n
+        for k, n in e.tokens.items():
+            tokens[k] += n
+    return Totals(
+        partitions=len({(e.topic, e.partition) for e in entries}),
+        entries=len(entries),
+        messages=sum(e.messages for e in entries),
+        accepted=sum(e.accepted for e in entries),
+        rejected=sum(e.rejected for e in entries),
+        rejects_by_reason=dict(sorted(reasons.items())),
+        tokens=tokens,
+        cost_usd=format_cost(cost),
+        unpriced=sum(e.unpriced for e in entries),
+        files=sum(len(e.files) for e in entries),
+        bytes=sum(f.bytes for e in entries for f in e.files),
+    )

@@ -1,0 +1,251 @@
+"""The daemon's data flow on one screen.
+
+    Kafka consume batch
+      -> ParseAndPrice   compiled parser, catalog price at event time, provenance columns
+      -> Buffer          per partition, until max events / bytes / age
+      -> LakeWriter      intent, Parquet files, manifest entry (background thread)
+      -> Committer       Kafka offsets after the manifest entry is durable; metrics
+
+Steps are built inside out, each handed the next. Partitions resume from the lake's
+manifest on every assignment, never from Kafka's committed offsets; revoked partitions
+are flushed before they are released; a stop flushes, commits and closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from meter import lake as lake_mod
+from meter import metrics
+from meter.config import Config
+from meter.manifest import load_partition
+from meter.pricing import Catalog, load_catalog
+from meter.stages import TP, Buffer, Chunk, Durable, Flush, LakeWriter, ParseAndPrice, Terminal
+
+log = logging.getLogger("meter.pipeline")
+
+
+class Committer(Terminal[Durable]):
+    """Commits each durable flush's end offset, and all durable positions again on a timer:
+    a commit that fails during a broker fault is not retried by librdkafka, and a stale
+    committed offset keeps lag alerts firing. Metrics move only here, after durability."""
+
+    def __init__(self, consumer: Consumer, interval_s: float, clock: Callable[[], float] = time.monotonic):
+        self.consumer = consumer
+        self.interval_s = interval_s
+        self.clock = clock
+        self.durable: dict[TP, int] = {}
+        self.committed: dict[TP, int] = {}
+        self.last_commit = clock()
+
+    def submit(self, item: Durable) -> None:
+        entry = item.entry
+        self.durable[(entry.topic, entry.partition)] = entry.end
+        metrics.record_flush(item)
+        self.commit()
+
+    def commit(self) -> None:
+        todo = {tp: end for tp, end in self.durable.items() if self.committed.get(tp) != end}
+        self.last_commit = self.clock()
+        if not todo:
+            return
+        offsets = [TopicPartition(t, p, end) for (t, p), end in todo.items()]
+        try:
+            results = self.consumer.commit(offsets=offsets, asynchronous=False) or []
+        except KafkaException as error:
+            metrics.COMMITS.labels("failed").inc()
+            log.warning("offset commit failed; retrying on the timer", extra={"error": str(error)})
+            return
+        for tp in results:
+            if tp.error is None:
+                self.committed[(tp.topic, tp.partition)] = tp.offset
+        metrics.COMMITS.labels("ok").inc()
+
+    def poll(self) -> None:
+        if self.clock() - self.last_commit >= self.interval_s:
+            self.commit()
+
+    def forget(self, partitions: list[TP]) -> None:
+        for tp in partitions:
+            self.durable.pop(tp, None)
+            self.committed.pop(tp, None)
+
+
+class Pipeline:
+    """Owns the consumer and the steps; runs until `stop` is set."""
+
+    def __init__(
+        self,
+        config: Config,
+        catalog: Catalog | None = None,
+        consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
+    ):
+        self.config = config
+        self.catalog = catalog if catalog is not None else load_catalog(config.catalog)
+        self.writer_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.consumer = consumer_factory(config.consumer_settings())
+        self.positions: dict[TP, int | None] = {}
+        self.paused = False
+        self.committer = Committer(self.consumer, config.commit_interval_s)
+        self.writer = LakeWriter(self.committer, config.lake, self.writer_id, self._on_conflict)
+        self.buffer = Buffer(
+            self.writer,
+            self.positions,
+            config.batch_max_events,
+            config.batch_max_bytes,
+            config.batch_max_age_s,
+        )
+        self.parse = ParseAndPrice(
+            self.buffer, self.catalog, config.lateness_ms, config.reject_unknown_models
+        )
+        self.steps = (self.parse, self.buffer, self.writer, self.committer)
+
+    # ------------------------------------------------------------ partitions
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Resume each partition from the manifest, after removing what a crashed flush left."""
+        lake = self.config.lake
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+
+            def covered(offset: int, topic: str = tp.topic, partition: int = tp.partition) -> bool:
+                return load_partition(lake, topic, partition).covers(offset)  # fresh read, see clear_orphans
+
+            lake_mod.clear_orphans(lake, tp.topic, tp.partition, covered)
+            position = load_partition(lake, tp.topic, tp.partition).position
+            self.positions[key] = position
+            tp.offset = OFFSET_BEGINNING if position is None else position
+        consumer.assign(partitions)
+        metrics.ASSIGNED.set(len(self.positions))
+        metrics.REBALANCES.labels("assign").inc()
+        log.info(
+            "partitions assigned",
+            extra={"partitions": [f"{t.topic}[{t.partition}]@{t.offset}" for t in partitions]},
+        )
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Flush what was consumed from revoked partitions and commit it before release."""
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self.buffer.flush(keys)
+        self.writer.join()
+        self.committer.commit()
+        self._forget(keys)
+        consumer.unassign()
+        metrics.REBALANCES.labels("revoke").inc()
+        log.info("partitions revoked", extra={"partitions": [f"{t}[{p}]" for t, p in keys]})
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions taken away without a revoke: another member owns them now, so
+        buffered rows are dropped (they will be re-read from the manifest position)."""
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self.buffer.drop(keys)
+        self._forget(keys)
+        metrics.REBALANCES.labels("lost").inc()
+        log.warning("partitions lost", extra={"partitions": [f"{t}[{p}]" for t, p in keys]})
+
+    def _forget(self, keys: list[TP]) -> None:
+        for key in keys:
+            self.positions.pop(key, None)
+        self.committer.forget(keys)
+        metrics.ASSIGNED.set(len(self.positions))
+
+    def _on_conflict(self, flush: Flush) -> None:
+        """Another writer owns this range (we lost the partition): stop feeding it."""
+        key = (flush.topic, flush.partition)
+        self.buffer.drop([key])
+        self.positions.pop(key, None)
+
+    def ready(self) -> bool:
+        """Partitions assigned, the lake writable, and a flush recently if data is flowing."""
+        writable = os.access(self.config.lake, os.W_OK) if os.path.isdir(self.config.lake) else False
+        return bool(self.positions) and writable
+
+    # ------------------------------------------------------------ the loop
+
+    def _chunks(self, messages: list[Message]) -> list[Chunk]:
+        now_ms = time.time_ns() // 1_000_000
+        chunks: dict[TP, Chunk] = {}
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                self._on_error(message, error)
+                continue
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            assert topic is not None and partition is not None and offset is not None
+            key = (topic, partition)
+            position = self.positions.get(key, -1)
+            if key not in self.positions or (position is not None and offset < position):
+                metrics.SKIPPED.inc()  # already in the lake, or a partition no longer ours
+                continue
+            chunk = chunks.get(key)
+            if chunk is None:
+                chunk = chunks[key] = Chunk(topic, partition, [], [], now_ms)
+            chunk.payloads.append(message.value())
+            chunk.offsets.append(offset)
+        return list(chunks.values())
+
+    def _on_error(self, message: Message, error: KafkaError) -> None:
+        if error.code() == KafkaError._PARTITION_EOF:
+            return
+        if error.code() == KafkaError._AUTO_OFFSET_RESET:
+            # The manifest's position is outside the broker's log: the broker lost data
+            # (or the lake belongs to another cluster). Never jump; alarm and hold.
+            metrics.OFFSET_ALARM.labels(message.topic() or "", str(message.partition())).set(1)
+            log.error(
+                "manifest position out of the broker's range; partition held", extra={"error": str(error)}
+            )
+            topic, partition = message.topic(), message.partition()
+            if topic is not None and partition is not None:
+                self.consumer.pause([TopicPartition(topic, partition)])
+            return
+        log.warning("consumer error", extra={"error": str(error)})
+
+    def _backpressure(self) -> None:
+        """Pause all partitions while the writer lags, instead of buffering without bound."""
+        over = (
+            len(self.writer.in_flight) >= 2 or self.buffer.buffered_bytes >= 2 * self.config.batch_max_bytes
+        )
+        if over != self.paused:
+            assignment = self.consumer.assignment()
+            (self.consumer.pause if over else self.consumer.resume)(assignment)
+            self.paused = over
+            metrics.PAUSED.set(int(over))
+
+    def run(self, stop: threading.Event) -> None:
+        self.consumer.subscribe(
+            list(self.config.topic),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        try:
+            while not stop.is_set():
+                messages = self.consumer.consume(
+                    self.config.consume_batch, timeout=0.1 if not self.paused else 0.05
+                )
+                metrics.CONSUMED.inc(len(messages))
+                for chunk in self._chunks(messages):
+                    self.parse.submit(chunk)
+                for step in self.steps:
+                    step.poll()
+                self._backpressure()
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Flush everything, wait for the lake, commit, then leave the group."""
+        try:
+            self.buffer.join()
+            self.writer.join()
+            self.committer.commit()
+        finally:
+            self.writer.close()
+            self.consumer.close()

@@ -1,0 +1,403 @@
+"""The pipeline's steps. Each has the same small lifecycle (`submit`, `poll`, `join`,
+`close`) and hands its output to the next step; meter/pipeline.py composes them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from meter import reasons as R
+from meter.lake import (
+    data_file_name,
+    dlq_rel_path,
+    events_rel_path,
+    split_by_hour,
+    split_dlq_by_date,
+    write_intent,
+    write_parquet_atomic,
+)
+from meter.manifest import (
+    FileRecord,
+    ManifestConflict,
+    ManifestEntry,
+    append_entry,
+    event_totals,
+    reject_counts,
+)
+from meter.parser import parse_batch
+from meter.pricing import Catalog
+from meter.reasons import Reject
+from meter.schema import DLQ, LAKE_EVENTS, PRICED
+
+log = logging.getLogger("meter.pipeline")
+
+T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+TP = tuple[str, int]
+
+
+class Step(Protocol[T_contra]):
+    """One stage: take work, do time-driven work on poll, finish all work on join."""
+
+    def submit(self, item: T_contra) -> None: ...
+
+    def poll(self) -> None: ...
+
+    def join(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Terminal(Generic[T]):
+    """Shared no-op lifecycle for steps that forward nothing on poll/join."""
+
+    def poll(self) -> None:
+        return None
+
+    def join(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+# ---------------------------------------------------------------- items passed between steps
+
+
+@dataclass
+class Chunk:
+    """The messages of one Kafka partition from one consume() call."""
+
+    topic: str
+    partition: int
+    payloads: list[bytes | None]
+    offsets: list[int]
+    arrival_ms: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.payloads if p is not None)
+
+
+@dataclass
+class Rows:
+    """A chunk turned into lake rows: accepted events and dead-letter rows."""
+
+    chunk: Chunk
+    events: pa.Table  # LAKE_EVENTS
+    dlq: pa.Table  # DLQ
+
+
+@dataclass
+class Flush:
+    """Everything buffered for one partition, to be written as one manifest entry."""
+
+    topic: str
+    partition: int
+    start: int  # first offset covered: the chain end this writer built on
+    after: int | None  # the manifest position read (None: no entry yet)
+    end: int  # one past the last consumed offset: what gets committed
+    messages: int
+    events: pa.Table
+    dlq: pa.Table
+
+
+@dataclass
+class Durable:
+    """A flush whose manifest entry is on disk: its offsets may now be committed."""
+
+    entry: ManifestEntry
+    events: pa.Table
+    dlq: pa.Table
+
+
+# ---------------------------------------------------------------- parse + price
+
+
+def raw_line(payload: bytes | None, line: int) -> bytes:
+    """The bytes a reject refers to: one line of the message, or all of it for a message-level reject."""
+    if not payload:
+        return b""
+    lines = payload.split(b"\n")
+    if len(lines) == 1:
+        return payload
+    return lines[line].removesuffix(b"\r") if line < len(lines) else payload
+
+
+def dlq_table(chunk: Chunk, rejects: list[Reject]) -> pa.Table:
+    offsets = [chunk.offsets[r.message_index] for r in rejects]
+    return pa.table(
+        {
+            "raw": pa.array(
+                [raw_line(chunk.payloads[r.message_index], r.line) for r in rejects], pa.binary()
+            ),
+            "kafka_topic": pa.array([chunk.topic] * len(rejects), pa.string()),
+            "kafka_partition": pa.array([chunk.partition] * len(rejects), pa.int32()),
+            "kafka_offset": pa.array(offsets, pa.int64()),
+            "line": pa.array([r.line for r in rejects], pa.int32()),
+            "reason": pa.array([r.reason for r in rejects], pa.string()),
+            "detail": pa.array([r.detail for r in rejects], pa.string()),
+            "arrival_ts": pa.array([chunk.arrival_ms] * len(rejects), pa.int64()).cast(
+                DLQ.field("arrival_ts").type
+            ),
+        },
+        schema=DLQ,
+    )
+
+
+class ParseAndPrice(Terminal[Chunk]):
+    """Parse payloads (compiled parser), price rows at their event time, attach provenance.
+
+    Events whose model the catalog lacks stay with a null cost, or become `unknown_model`
+    rejects when `reject_unknown` is set.
+    """
+
+    def __init__(
+        self,
+        next_step: Step[Rows],
+        catalog: Catalog,
+        lateness_ms: int,
+        reject_unknown: bool = False,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ):
+        self.next_step = next_step
+        self.catalog = catalog
+        self.lateness_ms = lateness_ms
+        self.reject_unknown = reject_unknown
+        self.clock_ms = clock_ms
+
+    def submit(self, chunk: Chunk) -> None:
+        result = parse_batch(chunk.payloads, now_ms=self.clock_ms(), lateness_ms=self.lateness_ms)
+        priced = self.catalog.price(result.batch)
+        origin = result.message_index
+        rejects = list(result.rejects)
+        if self.reject_unknown and priced.num_rows:
+            unknown = pc.is_null(priced.column("cost_usd"))
+            if pc.any(unknown).as_py():
+                keep = pc.invert(unknown)
+                for message, line, model in zip(
+                    pc.filter(origin, unknown).to_pylist(),
+                    pc.filter(result.line_index, unknown).to_pylist(),
+                    pc.filter(priced.column("model"), unknown).to_pylist(),
+                    strict=True,
+                ):
+                    detail = f"model {model!r} is not in the price catalog"
+                    rejects.append(Reject(message, line, R.UNKNOWN_MODEL, detail))
+                priced = priced.filter(keep)
+                origin = pc.filter(origin, keep)
+        offsets = pc.take(pa.array(chunk.offsets, pa.int64()), origin)
+        n = priced.num_rows
+        events = pa.Table.from_batches(
+            [
+                pa.RecordBatch.from_arrays(
+                    [
+                        *priced.columns,
+                        pa.array([chunk.topic] * n, pa.string()),
+                        pa.array([chunk.partition] * n, pa.int32()),
+                        offsets,
+                    ],
+                    schema=LAKE_EVENTS,
+                )
+            ]
+        )
+        assert priced.schema.equals(PRICED)
+        self.next_step.submit(Rows(chunk, events, dlq_table(chunk, rejects)))
+
+
+# ---------------------------------------------------------------- buffer per partition
+
+
+@dataclass
+class _Pending:
+    rows: list[Rows] = field(default_factory=list)
+    events: int = 0
+    nbytes: int = 0
+    messages: int = 0
+    first_offset: int = -1
+    last_offset: int = -1
+    since: float = 0.0
+
+
+class Buffer(Terminal[Rows]):
+    """Accumulate rows per partition; emit a Flush per partition when a limit is reached.
+
+    Limits: buffered events, buffered payload bytes, age of the oldest buffered message.
+    `positions` holds each assigned partition's manifest chain end; a flush starts there.
+    """
+
+    def __init__(
+        self,
+        next_step: Step[Flush],
+        positions: dict[TP, int | None],
+        max_events: int,
+        max_bytes: int,
+        max_age_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.next_step = next_step
+        self.positions = positions
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self.pending: dict[TP, _Pending] = {}
+
+    @property
+    def buffered_bytes(self) -> int:
+        return sum(p.nbytes for p in self.pending.values())
+
+    @property
+    def buffered_events(self) -> int:
+        return sum(p.events for p in self.pending.values())
+
+    def submit(self, rows: Rows) -> None:
+        chunk = rows.chunk
+        tp = (chunk.topic, chunk.partition)
+        pending = self.pending.get(tp)
+        if pending is None:
+            pending = self.pending[tp] = _Pending(since=self.clock(), first_offset=chunk.offsets[0])
+        pending.rows.append(rows)
+        pending.events += rows.events.num_rows + rows.dlq.num_rows
+        pending.nbytes += chunk.nbytes
+        pending.messages += len(chunk.offsets)
+        pending.last_offset = chunk.offsets[-1]
+
+    def due(self) -> bool:
+        if not self.pending:
+            return False
+        oldest = min(p.since for p in self.pending.values())
+        return (
+            self.buffered_events >= self.max_events
+            or self.buffered_bytes >= self.max_bytes
+            or self.clock() - oldest >= self.max_age_s
+        )
+
+    def poll(self) -> None:
+        if self.due():
+            self.flush(list(self.pending))
+
+    def join(self) -> None:
+        self.flush(list(self.pending))
+
+    def flush(self, partitions: Iterable[TP]) -> None:
+        for tp in partitions:
+            pending = self.pending.pop(tp, None)
+            if pending is None:
+                continue
+            after = self.positions.get(tp)
+            start = pending.first_offset if after is None else after
+            end = pending.last_offset + 1
+            self.positions[tp] = end
+            self.next_step.submit(
+                Flush(
+                    topic=tp[0],
+                    partition=tp[1],
+                    start=start,
+                    after=after,
+                    end=end,
+                    messages=pending.messages,
+                    events=pa.concat_tables([r.events for r in pending.rows]),
+                    dlq=pa.concat_tables([r.dlq for r in pending.rows]),
+                )
+            )
+
+    def drop(self, partitions: Iterable[TP]) -> None:
+        """Forget buffered rows of partitions lost without a chance to flush."""
+        for tp in partitions:
+            self.pending.pop(tp, None)
+
+
+# ---------------------------------------------------------------- durable write to the lake
+
+
+def write_flush(lake: str, flush: Flush, writer: str) -> ManifestEntry:
+    """Write one partition's flush to the lake; return its durable manifest entry.
+
+    Order (each step durable before the next; DESIGN 5):
+      1. Record the intent: the files this flush is about to write, so a crash before
+         step 3 leaves nothing that the next owner cannot find and remove.
+      2. Write each data file (events per event-time hour, DLQ per arrival date) to a
+         temporary name, fsync, rename into place, fsync the directory.
+      3. Append the manifest entry with an exclusive link: from here the rows exist.
+         A stale writer (one that lost the partition) collides here and stops.
+      4. (Committer) commit `end` to Kafka; a failure there only re-reads the range into
+         a manifest position that is already past it, so nothing is counted twice.
+    """
+    name = data_file_name(flush.topic, flush.partition, flush.start, flush.end)
+    plan: list[tuple[str, str, pa.Table]] = [
+        ("events", events_rel_path(date, hour, name), table)
+        for (date, hour), table in split_by_hour(flush.events)
+    ]
+    plan += [("dlq", dlq_rel_path(date, name), table) for date, table in split_dlq_by_date(flush.dlq)]
+    write_intent(lake, flush.topic, flush.partition, flush.start, flush.end, [rel for _, rel, _ in plan])
+    files = []
+    for kind, rel, table in plan:
+        size = write_parquet_atomic(table, f"{lake}/{rel}")
+        files.append(FileRecord(path=rel, kind=kind, rows=table.num_rows, bytes=size))  # type: ignore[arg-type]
+    tokens, cost, unpriced = event_totals(flush.events)
+    entry = ManifestEntry(
+        topic=flush.topic,
+        partition=flush.partition,
+        start=flush.start,
+        end=flush.end,
+        messages=flush.messages,
+        accepted=flush.events.num_rows,
+        rejected=flush.dlq.num_rows,
+        rejects_by_reason=reject_counts(flush.dlq),
+        tokens=tokens,
+        cost_usd=cost,
+        unpriced=unpriced,
+        files=tuple(files),
+        writer=writer,
+        written_at_ms=time.time_ns() // 1_000_000,
+    )
+    append_entry(lake, entry, after=flush.after)
+    return entry
+
+
+class LakeWriter(Terminal[Flush]):
+    """Writes flushes on one background thread (pyarrow releases the GIL while writing),
+    in submission order, and forwards each as Durable once its manifest entry is on disk."""
+
+    def __init__(
+        self, next_step: Step[Durable], lake: str, writer_id: str, on_conflict: Callable[[Flush], None]
+    ):
+        self.next_step = next_step
+        self.lake = lake
+        self.writer_id = writer_id
+        self.on_conflict = on_conflict
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meter-writer")
+        self.in_flight: list[tuple[Flush, Future[ManifestEntry]]] = []
+
+    def submit(self, flush: Flush) -> None:
+        self.in_flight.append((flush, self.executor.submit(write_flush, self.lake, flush, self.writer_id)))
+
+    def _forward_done(self, block: bool) -> None:
+        while self.in_flight and (block or self.in_flight[0][1].done()):
+            flush, future = self.in_flight.pop(0)
+            try:
+                entry = future.result()
+            except ManifestConflict:
+                log.warning(
+                    "manifest conflict: another writer owns the range; dropping this flush",
+                    extra={"topic": flush.topic, "partition": flush.partition, "start": flush.start},
+                )
+                self.on_conflict(flush)
+                continue
+            self.next_step.submit(Durable(entry, flush.events, flush.dlq))
+
+    def poll(self) -> None:
+        self._forward_done(block=False)
+
+    def join(self) -> None:
+        self._forward_done(block=True)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
