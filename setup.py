@@ -44,4 +44,11 @@ extensions = [
     ),
 ]
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives, force=debug))
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives=directives,
+        compile_time_env={"DEBUG_BUILD": debug},
+        force=True,
+    )
+)

@@ -133,9 +133,7 @@ def pyarrow_json(blob: bytes) -> int:
     table = paj.read_json(
         pa.BufferReader(blob),
         read_options=paj.ReadOptions(use_threads=False),
-        parse_options=paj.ParseOptions(
-            explicit_schema=_NULLABLE, unexpected_field_behavior="ignore"
-        ),
+        parse_options=paj.ParseOptions(explicit_schema=_NULLABLE, unexpected_field_behavior="ignore"),
     )
     return _fill_tokens(table).num_rows
 
@@ -147,9 +145,7 @@ _DUCKDB_COLUMNS = ", ".join(f"'{f.name}': '{_DUCKDB_TYPES[f.type]}'" for f in EV
 def duckdb_ndjson(connection: duckdb.DuckDBPyConnection, path: str) -> int:
     """(f) DuckDB read_ndjson over a file in the page cache, fetched as Arrow."""
     quoted = path.replace("'", "''")
-    relation = connection.sql(
-        f"SELECT * FROM read_ndjson('{quoted}', columns={{{_DUCKDB_COLUMNS}}})"
-    )
+    relation = connection.sql(f"SELECT * FROM read_ndjson('{quoted}', columns={{{_DUCKDB_COLUMNS}}})")
     return _fill_tokens(relation.to_arrow_table()).num_rows
 
 
@@ -245,28 +241,20 @@ def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--events", type=int, default=200_000, help="events per mix (default 200000)"
-    )
+    parser.add_argument("--events", type=int, default=200_000, help="events per mix (default 200000)")
     parser.add_argument(
         "--pure-events",
         type=int,
         default=5_000,
         help="events for the pure-Python parser (default 5000)",
     )
-    parser.add_argument(
-        "--runs", type=int, default=5, help="timed runs; the median is reported (default 5)"
-    )
-    parser.add_argument(
-        "--mix", type=_csv(KINDS), default=list(KINDS), help="comma-separated mixes"
-    )
+    parser.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported (default 5)")
+    parser.add_argument("--mix", type=_csv(KINDS), default=list(KINDS), help="comma-separated mixes")
     parser.add_argument(
         "--impl", type=_csv(IMPLS), default=list(IMPLS), help="comma-separated implementations"
     )
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument(
-        "--cpu", type=int, default=None, help="CPU to pin to (default: the first allowed)"
-    )
+    parser.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the first allowed)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.events < 1 or args.runs < 1 or args.pure_events < 1:
@@ -288,9 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="meter-bench-") as directory:
         for kind in args.mix:
-            data = make_data(
-                kind, args.events, min(args.pure_events, args.events), args.seed, directory
-            )
+            data = make_data(kind, args.events, min(args.pure_events, args.events), args.seed, directory)
             results += bench(data, args.impl, args.runs)
     if args.json:
         print(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
@@ -300,11 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(row.format("mix", "implementation", "events", "events/s", "MB/s", "vs orjson"))
     for r in results:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
-        print(
-            row.format(
-                r.mix, r.impl, r.events, f"{r.events_per_s:,.0f}", f"{r.mb_per_s:.1f}", ratio
-            )
-        )
+        print(row.format(r.mix, r.impl, r.events, f"{r.events_per_s:,.0f}", f"{r.mb_per_s:.1f}", ratio))
     return 0
 
 

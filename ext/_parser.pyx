@@ -63,6 +63,9 @@ DEF MAX_DEPTH = 64
 DEF TOKEN_MAX = 1000000000
 DEF MAX_FUTURE_MS = 300000
 
+#: True for the debug/sanitizer build (METER_DEBUG / METER_ASAN), so tests can check what they run.
+DEBUG = DEBUG_BUILD
+
 assert PARSER_REASONS[R_TOO_DEEP] == "too_deep" and PARSER_REASONS[R_DUPLICATE_FIELD] == "duplicate_field"
 assert FIELD_ORDER[F_REASONING] == "reasoning_tokens" and FIELD_ORDER[F_LAST_STRING] == "prompt_hash"
 
@@ -316,22 +319,55 @@ cdef inline int hex4(Scan* sc, Py_ssize_t at, uint32_t* out) noexcept nogil:
 
 cdef extern from *:
     """
-    #define METER_ONES 0x0101010101010101ULL
     #define METER_HIGHS 0x8080808080808080ULL
     """
-    const uint64_t ONES "METER_ONES"
     const uint64_t HIGHS "METER_HIGHS"
 
-
-cdef inline uint64_t zero_bytes(uint64_t w) noexcept nogil:
-    """High bit set in the lowest zero byte of `w` (bits above it may be false positives)."""
-    return (w - ONES) & ~w & HIGHS
+cdef extern from *:
+    """
+    /* The run of plain string bytes from i: stops at a quote, a backslash or a control
+       byte, 16 bytes at a time with SSE2 (x86-64 baseline), else 8 at a time in a word.
+       Returns the first stop position, or the last position with fewer than a block left;
+       *wide gets a nonzero bit if a byte >= 0x7F was seen (perhaps one past the stop). */
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    static inline Py_ssize_t meter_string_run(const uint8_t* s, Py_ssize_t i, Py_ssize_t n, uint64_t* wide) {
+        const __m128i quote = _mm_set1_epi8(34), backslash = _mm_set1_epi8(92);
+        const __m128i ctl = _mm_set1_epi8(0x1F), del = _mm_set1_epi8(0x7F);
+        while (i + 16 <= n) {
+            __m128i v = _mm_loadu_si128((const __m128i*)(s + i));
+            __m128i stop = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
+                                        _mm_cmpeq_epi8(_mm_min_epu8(v, ctl), v));
+            unsigned mask = (unsigned)_mm_movemask_epi8(stop);
+            *wide |= (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_max_epu8(v, del), v));
+            if (mask) return i + __builtin_ctz(mask);
+            i += 16;
+        }
+        return i;
+    }
+    #else
+    static inline Py_ssize_t meter_string_run(const uint8_t* s, Py_ssize_t i, Py_ssize_t n, uint64_t* wide) {
+        const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+        uint64_t w, stop, q, b, d;
+        while (i + 8 <= n) {
+            memcpy(&w, s + i, 8);
+            q = w ^ (ones * 34); b = w ^ (ones * 92); d = w ^ (ones * 127);
+            *wide |= (w & highs) | ((d - ones) & ~d & highs);
+            stop = ((q - ones) & ~q & highs) | ((b - ones) & ~b & highs) | ((w - ones * 32) & ~w & highs);
+            if (stop) return i + (__builtin_ctzll(stop) >> 3);  /* the lowest flagged byte is exact */
+            i += 8;
+        }
+        return i;
+    }
+    #endif
+    """
+    Py_ssize_t string_run "meter_string_run"(const uint8_t* s, Py_ssize_t i, Py_ssize_t n, uint64_t* wide) nogil
 
 
 cdef int scan_string(Scan* sc, Value* v) noexcept nogil:
     """Scan a string at sc.i (on its quote); validates escapes, leaves sc.i after the closing quote.
 
-    Eight bytes at a time while no quote, backslash or control byte is in sight; `v.plain`
+    Whole blocks at a time while no quote, backslash or control byte is in sight; `v.plain`
     records that no byte is >= 0x7F, so the control-character rule can skip the value.
     """
     cdef const uint8_t* s = sc.s
@@ -340,16 +376,11 @@ cdef int scan_string(Scan* sc, Value* v) noexcept nogil:
     cdef Py_ssize_t esc
     cdef uint8_t c
     cdef uint32_t unit, low
-    cdef uint64_t w, wide = 0
+    cdef uint64_t wide = 0
     v.start = i
     v.escaped = False
     while True:
-        while i + 8 <= n:
-            memcpy(&w, s + i, 8)
-            if (zero_bytes(w ^ (ONES * 34)) | zero_bytes(w ^ (ONES * 92)) | ((w - ONES * 32) & ~w & HIGHS)):
-                break
-            wide |= (w & HIGHS) | zero_bytes(w ^ (ONES * 127))
-            i += 8
+        i = string_run(s, i, n, &wide)
         while i < n and not STR_STOP[s[i]]:
             if s[i] >= 0x7F:
                 wide = 1
@@ -465,7 +496,7 @@ cdef inline int scan_number(Scan* sc, Value* v) noexcept nogil:
     """JSON number grammar; integers accumulate their magnitude, saturating past 2**63 - 1."""
     cdef const uint8_t* s = sc.s
     cdef Py_ssize_t n = sc.n
-    cdef Py_ssize_t i = sc.i
+    cdef Py_ssize_t i = sc.i, start
     cdef uint64_t m = 0
     cdef bint big = False
     cdef uint8_t d
@@ -479,12 +510,16 @@ cdef inline int scan_number(Scan* sc, Value* v) noexcept nogil:
     if s[i] == 48:
         i += 1
     else:
+        start = i
         while i < n and 48 <= s[i] <= 57:
-            d = s[i] - 48
-            if m > (0x7FFFFFFFFFFFFFFFULL - d) // 10:
-                big = True
-            else:
-                m = m * 10 + d
+            if i - start < 18:  # 18 digits always fit; a 19th needs the overflow check
+                m = m * 10 + (s[i] - 48)
+            elif not big:
+                d = s[i] - 48
+                if i - start > 18 or m > (0x7FFFFFFFFFFFFFFFULL - d) // 10:
+                    big = True
+                else:
+                    m = m * 10 + d
             i += 1
     v.kind = K_INTEGER
     if i + 1 < n and s[i] == 46 and 48 <= s[i + 1] <= 57:
@@ -816,7 +851,13 @@ cdef int scan_event(Scan* sc) noexcept nogil:
                 sc.seen |= 1u << field
             else:
                 slot = &item
-            rc = scan_value(sc, 1, slot)
+            c = sc.s[sc.i] if sc.i < sc.n else 0
+            if c == 34:  # the common shapes first, without the generic dispatch
+                rc = scan_string(sc, slot)
+            elif 48 <= c <= 57:
+                rc = scan_number(sc, slot)
+            else:
+                rc = scan_value(sc, 1, slot)
             if rc < 0:
                 return rc
             skip_ws(sc)
@@ -1008,13 +1049,83 @@ cdef int check_ts(Scan* sc, int64_t* out) noexcept nogil:
 
 cdef struct Columns:
     Buf data[N_STRINGS]      # string bytes (index 1, ts, unused)
-    Buf offsets[N_STRINGS]   # int32 offsets
-    Buf valid[N_STRINGS]     # validity bitmaps of optional strings
+    Buf offsets[N_STRINGS]   # int32 offsets, row_cap + 1 of them
+    Buf valid[N_STRINGS]     # validity bitmaps of optional strings, zeroed as they grow
     Buf ints[N_FIELDS]       # ts and the token counts as int64
     Buf origin               # int32 message index per row
     Buf line                 # int32 line within its message per row
     Py_ssize_t rows
+    Py_ssize_t row_cap       # rows every per-row buffer has room for
     Py_ssize_t nulls[N_STRINGS]
+
+
+cdef inline bint optional_string(int field) noexcept nogil:
+    return field < N_STRINGS and field != F_TS and not (REQUIRED & (1u << field))
+
+
+cdef int resize(Buf* b, Py_ssize_t size) noexcept nogil:
+    cdef char* data
+    if size <= b.cap:
+        return 0
+    data = <char*>realloc(b.data, size)
+    if data == NULL:
+        return -2
+    b.data = data
+    b.cap = size
+    return 0
+
+
+cdef int grow_rows(Columns* col, Py_ssize_t rows) noexcept nogil:
+    """Make room for `rows` rows in every per-row buffer (offsets, validity, ints, origins)."""
+    cdef Py_ssize_t cap = col.row_cap * 2 if col.row_cap else 1024
+    cdef Py_ssize_t old_bits = (col.row_cap + 7) // 8
+    cdef int field
+    while cap < rows:
+        cap *= 2
+    for field in range(N_FIELDS):
+        if field < N_STRINGS and field != F_TS:
+            if resize(&col.offsets[field], (cap + 1) * 4) < 0:
+                return -2
+            if optional_string(field):
+                if resize(&col.valid[field], (cap + 7) // 8) < 0:
+                    return -2
+                memset(col.valid[field].data + old_bits, 0, (cap + 7) // 8 - old_bits)
+        else:
+            if resize(&col.ints[field], cap * 8) < 0:
+                return -2
+    if resize(&col.origin, cap * 4) < 0 or resize(&col.line, cap * 4) < 0:
+        return -2
+    col.row_cap = cap
+    return 0
+
+
+cdef void finish_columns(Columns* col) noexcept nogil:
+    """Set each buffer's length from the row count before pyarrow takes it."""
+    cdef int field
+    for field in range(N_FIELDS):
+        if field < N_STRINGS and field != F_TS:
+            col.offsets[field].len = (col.rows + 1) * 4
+            col.valid[field].len = (col.rows + 7) // 8 if optional_string(field) else 0
+        else:
+            col.ints[field].len = col.rows * 8
+    col.origin.len = col.rows * 4
+    col.line.len = col.rows * 4
+
+
+cdef inline void copy_bytes(char* dst, const uint8_t* src, Py_ssize_t n) noexcept nogil:
+    """Short copies in words: most values of an event are a few dozen bytes."""
+    cdef uint64_t word
+    while n >= 8:
+        memcpy(&word, src, 8)
+        memcpy(dst, &word, 8)
+        dst += 8
+        src += 8
+        n -= 8
+    while n > 0:
+        dst[0] = src[0]
+        dst += 1
+        src += 1
+        n -= 1
 
 
 cdef int append_row(Scan* sc, Columns* col, int32_t message, int32_t line, int64_t now_ms,
@@ -1024,8 +1135,8 @@ cdef int append_row(Scan* sc, Columns* col, int32_t message, int32_t line, int64
     cdef Py_ssize_t size[N_STRINGS]
     cdef int64_t ints[N_FIELDS]
     cdef int field, rc
-    cdef int32_t end
     cdef Value* v
+    cdef Buf* b
     cdef Py_ssize_t row = col.rows
     for field in range(N_FIELDS):
         v = &sc.fields[field]
@@ -1054,34 +1165,30 @@ cdef int append_row(Scan* sc, Columns* col, int32_t message, int32_t line, int64
     if ints[F_TS] < now_ms - lateness_ms:
         fail(sc, R_TIMESTAMP_OUT_OF_RANGE, 19, F_TS, ints[F_TS])
         return -1
+    if row + 1 > col.row_cap and grow_rows(col, row + 1) < 0:
+        return -2
     for field in range(N_STRINGS):
         if field == F_TS:
             continue
+        b = &col.data[field]
         if text[field] != NULL:
-            if col.data[field].len + size[field] > 0x7FFFFFFF:
+            if b.len + size[field] > 0x7FFFFFFF:
                 return -3
-            if buf_append(&col.data[field], text[field], size[field]) < 0:
+            if b.len + size[field] > b.cap and buf_reserve(b, size[field]) < 0:
                 return -2
-        elif STRING_MAX[field] and not (REQUIRED & (1u << field)):
+            copy_bytes(b.data + b.len, text[field], size[field])
+            b.len += size[field]
+            if optional_string(field):
+                col.valid[field].data[row >> 3] |= <char>(1 << (row & 7))
+        else:
             col.nulls[field] += 1
-        if not (REQUIRED & (1u << field)):
-            if row % 8 == 0:
-                if buf_reserve(&col.valid[field], 1) < 0:
-                    return -2
-                col.valid[field].data[col.valid[field].len] = 0
-                col.valid[field].len += 1
-            if text[field] != NULL:
-                col.valid[field].data[row // 8] |= <char>(1 << (row % 8))
-        end = <int32_t>col.data[field].len
-        if buf_push_i32(&col.offsets[field], end) < 0:
-            return -2
-    for field in range(F_TS, N_FIELDS):
-        if field == F_TS or field >= N_STRINGS:
-            if buf_push_i64(&col.ints[field], ints[field]) < 0:
-                return -2
-    if buf_push_i32(&col.origin, message) < 0 or buf_push_i32(&col.line, line) < 0:
-        return -2
-    col.rows += 1
+        (<int32_t*>col.offsets[field].data)[row + 1] = <int32_t>b.len
+    (<int64_t*>col.ints[F_TS].data)[row] = ints[F_TS]
+    for field in range(N_STRINGS, N_FIELDS):
+        (<int64_t*>col.ints[field].data)[row] = ints[field]
+    (<int32_t*>col.origin.data)[row] = message
+    (<int32_t*>col.line.data)[row] = line
+    col.rows = row + 1
     return 0
 
 
@@ -1219,7 +1326,7 @@ def parse_batch(payloads, now_ms=None, lateness_ms=DEFAULT_LATENESS_MS):
     cdef int rc = 0
     cdef int64_t now = time.time_ns() // 1000000 if now_ms is None else now_ms
     cdef int64_t lateness = lateness_ms
-    cdef int32_t zero = 0
+    cdef Py_ssize_t total
     if ptrs == NULL or sizes == NULL:
         free(ptrs)
         free(sizes)
@@ -1238,9 +1345,18 @@ def parse_batch(payloads, now_ms=None, lateness_ms=DEFAULT_LATENESS_MS):
         ptrs[k] = <const uint8_t*>PyBytes_AS_STRING(item)
         sizes[k] = PyBytes_GET_SIZE(item)
     try:
+        total = 0
+        for k in range(count):
+            total += sizes[k]
+        # Room for one event per message up front; string bytes by a generous share of the
+        # input (virtual until touched), so growing rarely copies.
+        if grow_rows(&col, count) < 0:
+            raise MemoryError()
         for k in range(N_STRINGS):
-            if k != F_TS and buf_push_i32(&col.offsets[k], zero) < 0:
-                raise MemoryError()
+            if k != F_TS:
+                (<int32_t*>col.offsets[k].data)[0] = 0
+                if buf_reserve(&col.data[k], total // 8 + 64) < 0:
+                    raise MemoryError()
         with nogil:
             for k in range(count):
                 rc = parse_message(ptrs[k], sizes[k], <int32_t>k, &sc, &col, &rejects, now, lateness)
@@ -1250,6 +1366,7 @@ def parse_batch(payloads, now_ms=None, lateness_ms=DEFAULT_LATENESS_MS):
             raise MemoryError()
         if rc == -3:
             raise ValueError("a string column of one batch exceeds 2 GiB; parse fewer messages at once")
+        finish_columns(&col)
         batch = _batch(&col)
         origin = pa.Array.from_buffers(pa.int32(), col.rows, [None, _take(&col.origin)])
         lines = pa.Array.from_buffers(pa.int32(), col.rows, [None, _take(&col.line)])

@@ -333,9 +333,7 @@ def _event(line: bytes, now_ms: int, lateness_ms: int) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for name in FIELD_ORDER:
         value = top.get(name)
-        required = name in ("ts", "input_tokens", "output_tokens") or STRING_FIELDS.get(
-            name, (False, 0)
-        )[0]
+        required = name in ("ts", "input_tokens", "output_tokens") or STRING_FIELDS.get(name, (False, 0))[0]
         if value is None or value.kind == R.K_NULL:
             if required:
                 raise _Reject(R.MISSING_FIELD, 8 if value is None else 9, name)

@@ -123,11 +123,7 @@ def _create_topic_admin(
         fut.result(timeout=timeout + 1)
     except KafkaException as exc:
         err = exc.args[0] if exc.args else None
-        if not (
-            exist_ok
-            and isinstance(err, KafkaError)
-            and err.code() == KafkaError.TOPIC_ALREADY_EXISTS
-        ):
+        if not (exist_ok and isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
             raise BrokerError(f"create_topic({name!r}, {partitions}): {exc}") from exc
     _topic_ready(admin, name, None if exist_ok else partitions, timeout)
 
@@ -152,9 +148,7 @@ class MockCluster:
     A member joining after another left waits ``session.timeout.ms`` - 1000 on the mock.
     """
 
-    def __init__(
-        self, num_brokers: int = 3, *, initial_rebalance_delay_ms: int | None = None
-    ) -> None:
+    def __init__(self, num_brokers: int = 3, *, initial_rebalance_delay_ms: int | None = None) -> None:
         self.num_brokers = num_brokers
         self._owned: Any = None
         self._client: Producer | None = None
@@ -424,8 +418,7 @@ class TansuBroker:
             raise _PortInUse(f"tansu could not bind {self.bootstrap_servers}: address in use")
         if self._proc.poll() is not None:
             raise BrokerError(
-                f"tansu exited with {self._proc.returncode} {what}; log "
-                f"{self.log_path}:\n{self.log_tail()}"
+                f"tansu exited with {self._proc.returncode} {what}; log {self.log_path}:\n{self.log_tail()}"
             )
 
     def _wait_ready(self, t0: float) -> None:

@@ -134,11 +134,100 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_query(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "query",
+        help="run read-only SQL over the lake (views events, dlq)",
+        description="Run SQL on an in-memory DuckDB over the files the lake's "
+        "manifest lists: views events (with date, hour) and dlq (with date). "
+        "No other file can be read or written.",
+    )
+    p.add_argument("sql", help="the SQL to run (the last statement's result is printed)")
+    p.add_argument("--lake", required=True, metavar="PATH", help="the lake directory")
+    p.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        help="output format (default: table on a terminal, csv otherwise)",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="bind $NAME in the SQL to the string VALUE (repeatable; DuckDB casts "
+        "it where the SQL needs another type, or write $NAME::TYPE)",
+    )
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="table format: print at most N rows, 0 for all (default 1000)",
+    )
+    p.set_defaults(func=_query)
+
+
+def _query(args: argparse.Namespace) -> int:
+    import re
+
+    import duckdb
+
+    from meter.manifest import ManifestError
+    from meter.query import run
+
+    params: dict[str, str] = {}
+    for item in args.param:
+        name, eq, value = item.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"--param must be NAME=VALUE with NAME an identifier, got {item!r}")
+        if name in params:
+            raise ValueError(f"--param {name} given twice")
+        params[name] = value
+    if args.max_rows < 0:
+        raise ValueError(f"--max-rows must be >= 0, got {args.max_rows}")
+    fmt = args.format or ("table" if sys.stdout.isatty() else "csv")
+    try:
+        run(args.lake, args.sql, sys.stdout, fmt=fmt, params=params, max_rows=args.max_rows or None)
+    except (duckdb.Error, ManifestError) as error:
+        sys.stdout.flush()
+        print(f"meter query: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="embedded broker + generated traffic + daemon + lake, end to end")
+    p.add_argument("--lake", default="meter-demo/lake", help="lake directory (default: ./meter-demo/lake)")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds (default: Ctrl-C)")
+    p.add_argument("--rate", type=float, default=20_000, help="generated events per second")
+    p.add_argument("--per-message", type=int, default=5, help="events per Kafka message")
+    p.add_argument("--bad-ratio", type=float, default=0.01, help="share of invalid events")
+    p.add_argument("--metrics-addr", default="127.0.0.1:9464", help="HOST:PORT for /metrics ('' = off)")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from meter import log
+    from meter.demo import DemoOptions, run_demo
+
+    log.setup("text", "WARNING")
+    return run_demo(
+        DemoOptions(
+            lake=args.lake,
+            seconds=args.seconds,
+            rate=args.rate,
+            per_message=args.per_message,
+            bad_ratio=args.bad_ratio,
+            metrics_addr=args.metrics_addr or None,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meter", description=__doc__)
     parser.add_argument("--version", action="version", version=f"meter {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_validate, _add_prices, _add_gen):
+    for add in (_add_run, _add_demo, _add_gen, _add_query, _add_validate, _add_prices):
         add(sub)
     return parser
 
@@ -252,7 +341,14 @@ def _gen(args: argparse.Namespace) -> int:
             )
             sys.stderr.flush()
 
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():  # a second signal: stop waiting for the flush too
+            raise KeyboardInterrupt
+        stop.set()  # the first one: stop sending, flush and report
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, on_signal) for s in signals} if main_thread else {}
     try:
         summary = generate(
             args.brokers,

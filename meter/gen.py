@@ -77,7 +77,9 @@ MAX_RESEND_DELAY = 5
 _TALLY_CHUNK = 65_536
 #: Seconds between progress callbacks.
 _PROGRESS_EVERY = 0.5
-_USER = re.compile(rb'"user":"((?:[^"\\]|\\.)*)"')
+_USER = re.compile(rb"[\"']user[\"']:\"((?:[^\"\\]|\\.)+)\"")
+#: Key of a message none of whose events has a recoverable user id.
+NO_USER_KEY = b"-"
 
 
 class GenError(RuntimeError):
@@ -120,10 +122,10 @@ def _check_window(start_ms: int, span_ms: int, now_ms: int) -> None:
         )
 
 
-def _key_of(line: bytes) -> bytes:
+def _key_of(line: bytes) -> bytes | None:
     """The user id of a bad line, as raw JSON string bytes, where one can be found."""
     found = _USER.search(line, 0, 4096)
-    return found.group(1) if found else b""
+    return found.group(1) if found else None
 
 
 def plan(
@@ -208,7 +210,7 @@ def _plan(
             due_now.append(heapq.heappop(pending)[2])
         return due_now
 
-    key = b""
+    key: bytes | None = None  # the first user id found among the message's events
     lines: list[bytes] = []
     reasons: list[str | None] = []
     n_bad_sent = 0
@@ -220,11 +222,11 @@ def _plan(
             next_bad = _nth(n_bad_sent, bad) - 1 if n_bad_sent < n_bad else -1
             line = bad_event(reason, bad_rng, now_ms=now_ms)
             if reason == TOO_LARGE:
-                message = Message(_key_of(line), line, False, (reason,))
+                message = Message(_key_of(line) or NO_USER_KEY, line, False, (reason,))
                 yield message
                 yield from after(message)
                 continue
-            if not lines:
+            if key is None:
                 key = _key_of(line)
             lines.append(line)
             reasons.append(reason)
@@ -238,17 +240,17 @@ def _plan(
                 else:
                     unique += 1
                 continue
-            if not lines:
+            if key is None:
                 key = event["user"].encode()
             lines.append(encode(event))
             reasons.append(None)
         if len(lines) == per_message:
-            message = Message(key, b"\n".join(lines), False, tuple(reasons))
+            message = Message(key or NO_USER_KEY, b"\n".join(lines), False, tuple(reasons))
             yield message
             yield from after(message)
-            lines, reasons = [], []
+            key, lines, reasons = None, [], []
     if lines:
-        message = Message(key, b"\n".join(lines), False, tuple(reasons))
+        message = Message(key or NO_USER_KEY, b"\n".join(lines), False, tuple(reasons))
         yield message
         yield from after(message)
     while pending:
@@ -473,7 +475,9 @@ def _ensure_topic(
 
     def count() -> int | None:
         try:
-            md = admin.list_topics(topic, timeout=min(5.0, timeout))
+            # All topics: asking for this one by name may auto-create it with the broker's
+            # default partition count before it could be created with `partitions`.
+            md = admin.list_topics(timeout=min(5.0, timeout))
         except KafkaException as error:
             raise GenError(f"cannot reach brokers {brokers}: {error}") from None
         found = md.topics.get(topic)
@@ -494,9 +498,7 @@ def _ensure_topic(
     except KafkaException as error:
         err = error.args[0] if error.args else None
         if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
-            raise GenError(
-                f"cannot create topic {topic!r} ({partitions} partitions): {error}"
-            ) from None
+            raise GenError(f"cannot create topic {topic!r} ({partitions} partitions): {error}") from None
     deadline = time.monotonic() + timeout
     while (got := count()) is None:
         if time.monotonic() > deadline:
@@ -574,8 +576,7 @@ def generate(
     def progress() -> None:
         if on_progress is not None:
             on_progress(
-                GenProgress(tally.messages, lines_sent, sum(errors.values()),
-                            time.monotonic() - started)
+                GenProgress(tally.messages, lines_sent, sum(errors.values()), time.monotonic() - started)
             )
 
     for n, message in enumerate(messages):
@@ -589,6 +590,7 @@ def generate(
             except BufferError:
                 producer.poll(0.05)  # the local queue is full: let deliveries drain it
             except KafkaException as error:
+                producer.flush(5.0)  # what was accepted before still goes out
                 raise GenError(f"produce to {topic!r}: {error}") from None
         tally.add(message)
         lines_sent += len(message.reasons)

@@ -509,9 +509,7 @@ def read_intent(lake: LakePath, topic: str, partition: int) -> Intent | None:
     return intent
 
 
-def clear_orphans(
-    lake: LakePath, topic: str, partition: int, covered: Callable[[int], bool]
-) -> list[str]:
+def clear_orphans(lake: LakePath, topic: str, partition: int, covered: Callable[[int], bool]) -> list[str]:
     """Remove what a crashed flush of this partition left behind; return what was removed.
 
     Run when taking a partition (start, assignment) before its first flush. If the

@@ -212,8 +212,7 @@ class ManifestEntry:
             _count(n, f"rejects_by_reason[{reason!r}]")
         if sum(reasons.values()) != self.rejected:
             raise ValueError(
-                f"{where}: rejects_by_reason sums to {sum(reasons.values())}, "
-                f"rejected is {self.rejected}"
+                f"{where}: rejects_by_reason sums to {sum(reasons.values())}, rejected is {self.rejected}"
             )
         unknown = set(self.tokens) - set(TOKEN_COLUMNS)
         if unknown:
@@ -222,9 +221,7 @@ class ManifestEntry:
         for k, n in tokens.items():
             _count(n, f"tokens[{k!r}]")
         if not isinstance(self.cost_usd, str) or not _COST_RE.fullmatch(self.cost_usd):
-            raise ValueError(
-                f"{where}: cost_usd must be a plain decimal string, got {self.cost_usd!r}"
-            )
+            raise ValueError(f"{where}: cost_usd must be a plain decimal string, got {self.cost_usd!r}")
 
         files = tuple(self.files)
         rows = {k: 0 for k in _KINDS}
@@ -271,8 +268,7 @@ class ManifestEntry:
                 "cost_usd": self.cost_usd,
                 "unpriced": self.unpriced,
                 "files": [
-                    {"path": f.path, "kind": f.kind, "rows": f.rows, "bytes": f.bytes}
-                    for f in self.files
+                    {"path": f.path, "kind": f.kind, "rows": f.rows, "bytes": f.bytes} for f in self.files
                 ],
                 "writer": self.writer,
                 "written_at_ms": self.written_at_ms,
@@ -455,9 +451,7 @@ def load_partition(lake: LakePath, topic: str, partition: int) -> PartitionState
             raise ManifestCorrupt(f"{where}: {ORIGIN_NAME} differs from entry {origin.start}")
     chain = tuple(entries[s] for s in sorted(entries))
     if origin is not None and chain[0].start != origin.start:
-        raise ManifestCorrupt(
-            f"{where}: entry {chain[0].start} precedes the first entry {origin.start}"
-        )
+        raise ManifestCorrupt(f"{where}: entry {chain[0].start} precedes the first entry {origin.start}")
     for prev, e in itertools.pairwise(chain):
         if e.start > prev.end:
             raise ManifestCorrupt(

@@ -89,9 +89,7 @@ _ORG_NAMES = (
     "Hooli/Øst", 'Stark "Industries"', "Wayne\\Enterprises", "Тайрелл", "Soylent Ñ S.A.",
 )  # fmt: skip
 
-_CROCKFORD = bytes.maketrans(
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-)
+_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 _BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _HEX = "0123456789abcdef"
 
@@ -243,9 +241,7 @@ class Mix:
         if provider == "openai":
             return "req_" + "".join(rng.choices(_HEX, k=24))
         if self.kind == "escape":
-            return (
-                f"projects/p{rng.randrange(10**6)}/locations/us-central1/r/{rng.getrandbits(48):x}"
-            )
+            return f"projects/p{rng.randrange(10**6)}/locations/us-central1/r/{rng.getrandbits(48):x}"
         return "".join(rng.choices(_BASE58, k=22))
 
     def _prompt_hash(self) -> str:
@@ -275,9 +271,7 @@ class Mix:
                 ts_second, ts_prefix = seconds, rfc3339_ms(seconds * 1000)[:-5]
             profile = self._profiles[bisect.bisect_right(_USER_CUM, rng.random())]
             model = MODELS[
-                profile.model
-                if rng.random() < 0.7
-                else bisect.bisect_right(_MODEL_CUM, rng.random())
+                profile.model if rng.random() < 0.7 else bisect.bisect_right(_MODEL_CUM, rng.random())
             ]
             client = (
                 profile.client
@@ -378,9 +372,7 @@ def _invalid_json(pairs: _Pairs, rng: random.Random, now_ms: int) -> bytes:
             doc[:-1] + b",}",
             doc + doc,
             doc.replace(b'"user":', b"'user':"),
-            _join(
-                _replace(pairs, "input_tokens", rng.choice((b"NaN", b"007", b"+5", b"1.", b".5")))
-            ),
+            _join(_replace(pairs, "input_tokens", rng.choice((b"NaN", b"007", b"+5", b"1.", b".5")))),
             _join(_replace(pairs, "user", b'"unterminated')),
             _join(_replace(pairs, "team", b'"bad \\x escape"')),
         )
@@ -417,9 +409,7 @@ def _wrong_type(pairs: _Pairs, rng: random.Random, now_ms: int) -> bytes:
         raw = rng.choice((b'"123"', b"1.0", b"1e3", b"true", b"[1]", b'{"n":1}', b"-0.0"))
     else:
         field = rng.choice((*_STRINGS, "ts"))
-        raws = (
-            (b"false", b"[]", b"{}", b"1.5") if field == "ts" else (b"42", b"false", b"[]", b"{}")
-        )
+        raws = (b"false", b"[]", b"{}", b"1.5") if field == "ts" else (b"42", b"false", b"[]", b"{}")
         raw = rng.choice(raws)
     return _join(_replace(pairs, field, raw))
 

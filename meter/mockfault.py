@@ -246,9 +246,7 @@ class MockFaults:
         if not errors:
             return
         arr = (_INT * len(errors))(*[int(e) for e in errors])
-        self._lib.rd_kafka_mock_push_request_errors_array(
-            self.pointer, int(api_key), len(errors), arr
-        )
+        self._lib.rd_kafka_mock_push_request_errors_array(self.pointer, int(api_key), len(errors), arr)
 
     def push_broker_request_errors(
         self, broker_id: int, api_key: int, errors_rtts: Iterable[tuple[int, int]]
@@ -281,9 +279,7 @@ class MockFaults:
     def create_topic(self, name: str, partitions: int, replication_factor: int = 1) -> None:
         """Create a topic directly in the mock (it does not implement CreateTopics)."""
         _check(
-            self._lib.rd_kafka_mock_topic_create(
-                self.pointer, name.encode(), partitions, replication_factor
-            ),
+            self._lib.rd_kafka_mock_topic_create(self.pointer, name.encode(), partitions, replication_factor),
             f"create_topic({name!r})",
         )
 
@@ -294,18 +290,14 @@ class MockFaults:
     def set_partition_leader(self, topic: str, partition: int, broker_id: int) -> None:
         """Move a partition's leader (``-1``: leaderless). Creates the topic if missing."""
         _check(
-            self._lib.rd_kafka_mock_partition_set_leader(
-                self.pointer, topic.encode(), partition, broker_id
-            ),
+            self._lib.rd_kafka_mock_partition_set_leader(self.pointer, topic.encode(), partition, broker_id),
             "set_partition_leader",
         )
 
     def set_coordinator(self, key_type: str, key: str, broker_id: int) -> None:
         """Pin the ``"group"`` or ``"transaction"`` coordinator for ``key`` to a broker."""
         _check(
-            self._lib.rd_kafka_mock_coordinator_set(
-                self.pointer, key_type.encode(), key.encode(), broker_id
-            ),
+            self._lib.rd_kafka_mock_coordinator_set(self.pointer, key_type.encode(), key.encode(), broker_id),
             "set_coordinator",
         )
 
@@ -416,12 +408,8 @@ def attach(client: object, *, expect_client_id: str | None = None) -> MockFaults
     raw_name = lib.rd_kafka_name(rk)
     name = raw_name.decode(errors="replace") if raw_name else ""
     match = _RK_NAME.match(name)
-    if match is None or (
-        expect_client_id is not None and match.group("client_id") != expect_client_id
-    ):
-        raise MockFaultUnavailable(
-            f"pointer read from the client does not name it (rd_kafka_name={name!r})"
-        )
+    if match is None or (expect_client_id is not None and match.group("client_id") != expect_client_id):
+        raise MockFaultUnavailable(f"pointer read from the client does not name it (rd_kafka_name={name!r})")
     mcluster = lib.rd_kafka_handle_mock_cluster(rk)
     if not mcluster:
         raise MockFaultUnavailable(

@@ -44,9 +44,7 @@ _MODEL_REQUIRED = ("id", "provider", "effective_from", *PRICE_KEYS)
 _MODEL_OPTIONAL = ("aliases", "effective_to")
 _PRICE = re.compile(r"(-?)(\d+)(?:\.(\d+))?", re.ASCII)
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
-_INSTANT = re.compile(
-    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})", re.ASCII
-)
+_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})", re.ASCII)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _INT64_MAX = (1 << 63) - 1
 _INT64_MIN = -(1 << 63)
@@ -98,9 +96,7 @@ class Catalog:
     """Validated price entries plus the Arrow lookup arrays that price a batch in a few
     vectorised passes (no Python work per row)."""
 
-    def __init__(
-        self, source: str, as_of: str, entries: Iterable[PriceEntry], name: str = "catalog"
-    ):
+    def __init__(self, source: str, as_of: str, entries: Iterable[PriceEntry], name: str = "catalog"):
         self.source = source
         self.as_of = as_of
         self.name = name
@@ -109,10 +105,7 @@ class Catalog:
         self._by_id: dict[str, list[PriceEntry]] = {}
         for number, entry in enumerate(self.entries, 1):
             where = f"{name}: model #{number} ({entry.id!r})"
-            if (
-                entry.effective_to_ms is not None
-                and entry.effective_to_ms <= entry.effective_from_ms
-            ):
+            if entry.effective_to_ms is not None and entry.effective_to_ms <= entry.effective_from_ms:
                 raise CatalogError(f"{where}: effective_to is not after effective_from")
             for alias in (entry.id, *entry.aliases):
                 owner = self._owner.setdefault(alias, entry.id)
@@ -122,17 +115,13 @@ class Catalog:
         for history in self._by_id.values():
             history.sort(key=lambda e: e.effective_from_ms)
             for before, after in itertools.pairwise(history):
-                if (
-                    before.effective_to_ms is None
-                    or before.effective_to_ms > after.effective_from_ms
-                ):
+                if before.effective_to_ms is None or before.effective_to_ms > after.effective_from_ms:
                     # Name the entry that comes later in the file: it is the likely edit.
                     (_, first), (number, last) = sorted(
                         (n, e) for n, e in enumerate(self.entries, 1) if e is before or e is after
                     )
                     raise CatalogError(
-                        f"{name}: model #{number} ({last.id!r}): effective range overlaps "
-                        f"{first.version}"
+                        f"{name}: model #{number} ({last.id!r}): effective range overlaps {first.version}"
                     )
         self._build_arrays()
 
@@ -157,9 +146,7 @@ class Catalog:
         ends = (_INT64_MAX if e.effective_to_ms is None else e.effective_to_ms for e in ordered)
         self._to = pa.array([*ends, _INT64_MIN], pa.int64())
         self._versions = pa.array([*(e.version for e in ordered), ""], pa.string())
-        self._prices = [
-            pa.array([*(e.prices[k] for e in ordered), 0], pa.int64()) for k in range(5)
-        ]
+        self._prices = [pa.array([*(e.prices[k] for e in ordered), 0], pa.int64()) for k in range(5)]
         self._max_prices = [max((e.prices[k] for e in ordered), default=0) for k in range(5)]
 
     @classmethod
@@ -222,9 +209,7 @@ class Catalog:
         ts = batch.column("ts").cast(pa.int64())
         for _ in range(self._steps):
             following = pc.take(self._next, index)
-            index = pc.if_else(
-                pc.greater_equal(ts, pc.take(self._from, following)), following, index
-            )
+            index = pc.if_else(pc.greater_equal(ts, pc.take(self._from, following)), following, index)
         in_force = pc.and_(
             pc.greater_equal(ts, pc.take(self._from, index)), pc.less(ts, pc.take(self._to, index))
         )
@@ -324,9 +309,7 @@ def _abs_max(column: pa.Array) -> int:
     return max(abs(extremes["min"].as_py() or 0), abs(extremes["max"].as_py() or 0))
 
 
-def _check_keys(
-    table: dict[str, Any], required: Sequence[str], optional: Sequence[str], where: str
-) -> None:
+def _check_keys(table: dict[str, Any], required: Sequence[str], optional: Sequence[str], where: str) -> None:
     unknown = sorted(set(table) - set(required) - set(optional))
     if unknown:
         raise CatalogError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")

@@ -121,13 +121,14 @@ class Durable:
 # ---------------------------------------------------------------- parse + price
 
 
-def raw_line(payload: bytes | None, line: int) -> bytes:
-    """The bytes a reject refers to: one line of the message, or all of it for a message-level reject."""
+def raw_line(payload: bytes | None, line: int, whole_message: bool = False) -> bytes:
+    """The bytes a reject refers to: its line, or the whole message for a message-level
+    reject (`whole_message`: too large to split)."""
     if not payload:
         return b""
-    lines = payload.split(b"\n")
-    if len(lines) == 1:
+    if whole_message or b"\n" not in payload:
         return payload
+    lines = payload.split(b"\n")
     return lines[line].removesuffix(b"\r") if line < len(lines) else payload
 
 
@@ -136,7 +137,8 @@ def dlq_table(chunk: Chunk, rejects: list[Reject]) -> pa.Table:
     return pa.table(
         {
             "raw": pa.array(
-                [raw_line(chunk.payloads[r.message_index], r.line) for r in rejects], pa.binary()
+                [raw_line(chunk.payloads[r.message_index], r.line, r.reason == R.TOO_LARGE) for r in rejects],
+                pa.binary(),
             ),
             "kafka_topic": pa.array([chunk.topic] * len(rejects), pa.string()),
             "kafka_partition": pa.array([chunk.partition] * len(rejects), pa.int32()),

@@ -14,6 +14,7 @@ Tests that use a broker carry ``@pytest.mark.integration``.
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -91,3 +92,12 @@ def consumer_conf(request: pytest.FixtureRequest) -> Callable[..., dict[str, Any
         return conf
 
     return make
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """`make test-asan` sets METER_EXPECT_DEBUG_BUILD: fail fast unless the sanitizer build loaded."""
+    if os.environ.get("METER_EXPECT_DEBUG_BUILD"):
+        import meter._parser
+
+        if not meter._parser.DEBUG:
+            raise pytest.UsageError(f"expected the debug build of the parser, got {meter._parser.__file__}")

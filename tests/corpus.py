@@ -960,9 +960,7 @@ bad("dup_ts", ev(extra=(("ts", str(NOW)),)), "duplicate_field", "ts")
 bad("dup_unknown", ev(extra=(("x", b"1"), ("x", b"1"))), "duplicate_field", "x")
 bad("dup_unknown_empty_key", ev(extra=((b"", b"1"), (b"", b"2"))), "duplicate_field")
 bad("dup_nested_object", ev(extra=(("meta", b'{"a":1,"a":2}'),)), "duplicate_field", "a")
-bad(
-    "dup_nested_in_array", ev(extra=(("meta", b'[1,{"a":1,"b":2,"a":1}]'),)), "duplicate_field", "a"
-)
+bad("dup_nested_in_array", ev(extra=(("meta", b'[1,{"a":1,"b":2,"a":1}]'),)), "duplicate_field", "a")
 bad(
     "dup_deeply_nested",
     ev(extra=(("meta", nest(40, "mixed", b'{"q":1,"q":1}')),)),
@@ -1204,9 +1202,7 @@ case(
     [b"\n".join(_ev_n(i) for i in range(3))],
     *(Row(_row_n(i)) for i in range(3)),
 )
-case(
-    "ndjson_trailing_newline", [_ev_n(0) + b"\n" + _ev_n(1) + b"\n"], Row(_row_n(0)), Row(_row_n(1))
-)
+case("ndjson_trailing_newline", [_ev_n(0) + b"\n" + _ev_n(1) + b"\n"], Row(_row_n(0)), Row(_row_n(1)))
 case("ndjson_crlf", [_ev_n(0) + b"\r\n" + _ev_n(1) + b"\r\n"], Row(_row_n(0)), Row(_row_n(1)))
 case(
     "ndjson_crlf_reject_line_numbers",

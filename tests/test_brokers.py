@@ -113,9 +113,7 @@ def roundtrip(
         commit = [TopicPartition(topic, p, o) for p, o in sorted(next_offsets(msgs).items())]
         result = consumer.commit(offsets=commit, asynchronous=False)
         assert result is not None and all(tp.error is None for tp in result)
-        committed = consumer.committed(
-            [TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10
-        )
+        committed = consumer.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
         assert {tp.partition: tp.offset for tp in committed} == next_offsets(msgs)
         assert sum(tp.offset for tp in committed) == N_MESSAGES
 
@@ -161,9 +159,7 @@ def test_tansu_roundtrip(
 ) -> None:
     record_property("broker_start_s", tansu.startup_seconds)
     name = topic(tansu, PARTITIONS)
-    roundtrip(
-        tansu.bootstrap_servers, name, consumer_conf(tansu.bootstrap_servers), record_property
-    )
+    roundtrip(tansu.bootstrap_servers, name, consumer_conf(tansu.bootstrap_servers), record_property)
 
 
 @pytest.mark.integration
@@ -219,9 +215,7 @@ def test_attach_to_client_started_mock_cluster() -> None:
     client = Producer({"test.mock.num.brokers": 2, "client.id": "attach-probe", "log_level": 4})
     md = client.list_topics(timeout=10)
     faults = attach(client, expect_client_id="attach-probe")
-    assert set(faults.bootstrap_servers.split(",")) == {
-        f"{b.host}:{b.port}" for b in md.brokers.values()
-    }
+    assert set(faults.bootstrap_servers.split(",")) == {f"{b.host}:{b.port}" for b in md.brokers.values()}
     faults.create_topic("attached", 3)
     assert len(client.list_topics("attached", timeout=10).topics["attached"].partitions) == 3
     with pytest.raises(TypeError):
@@ -285,9 +279,7 @@ def test_injected_offset_commit_error_fails_commit_then_retry_succeeds(
 
         # Errors librdkafka does not retry by itself surface to the caller. (It retries
         # REQUEST_TIMED_OUT, COORDINATOR_NOT_AVAILABLE and NOT_COORDINATOR internally.)
-        mock_cluster.faults.push_request_errors(
-            ApiKey.OFFSET_COMMIT, KafkaError.REBALANCE_IN_PROGRESS
-        )
+        mock_cluster.faults.push_request_errors(ApiKey.OFFSET_COMMIT, KafkaError.REBALANCE_IN_PROGRESS)
         with pytest.raises(KafkaException) as failed:
             consumer.commit(offsets=offsets, asynchronous=False)
         assert failed.value.args[0].code() == KafkaError.REBALANCE_IN_PROGRESS
@@ -349,9 +341,7 @@ def test_mock_cluster_falls_back_to_a_client_owned_cluster(
 
 
 @pytest.mark.integration
-def test_per_broker_errors_and_leader_moves(
-    mock_cluster: MockCluster, topic: Callable[..., str]
-) -> None:
+def test_per_broker_errors_and_leader_moves(mock_cluster: MockCluster, topic: Callable[..., str]) -> None:
     name = topic(mock_cluster, 1)
     faults = mock_cluster.faults
     faults.set_partition_leader(name, 0, 2)
@@ -361,9 +351,7 @@ def test_per_broker_errors_and_leader_moves(
     assert producer.flush(10) == 0
 
     # On the leader: one retriable error, then a response delayed by 400 ms.
-    faults.push_broker_request_errors(
-        2, ApiKey.PRODUCE, [(KafkaError.NOT_ENOUGH_REPLICAS, 0), (0, 400)]
-    )
+    faults.push_broker_request_errors(2, ApiKey.PRODUCE, [(KafkaError.NOT_ENOUGH_REPLICAS, 0), (0, 400)])
     t0 = time.monotonic()
     producer.produce(name, b"delayed")
     assert producer.flush(10) == 0

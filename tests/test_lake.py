@@ -124,9 +124,7 @@ def test_data_file_name_rejects(topic: str, partition: int, start: int, end: int
 def test_dirs_and_relative_paths() -> None:
     root = Path("/lake")
     assert lake.events_dir(root, "2026-01-02", 3) == root / "events/date=2026-01-02/hour=03"
-    assert lake.events_dir("/lake", dt.date(2026, 1, 2), 23) == Path(
-        "/lake/events/date=2026-01-02/hour=23"
-    )
+    assert lake.events_dir("/lake", dt.date(2026, 1, 2), 23) == Path("/lake/events/date=2026-01-02/hour=23")
     assert lake.dlq_dir(root, "2026-12-31") == root / "dlq/date=2026-12-31"
     name = lake.data_file_name("a.b", 1, 10, 20)
     rel = lake.events_rel_path("2026-01-02", 3, name)

@@ -90,9 +90,7 @@ def test_reference_mix_looks_like_a_gateway() -> None:
     assert 5 <= len({e["org"] for e in events}) <= 10
     assert {e["model"] for e in events} == {m.name for m in MODELS}
     assert {(e["model"], e["provider"]) for e in events} <= {(m.name, m.provider) for m in MODELS}
-    assert all(
-        100 <= e["input_tokens"] <= 50_000 and 10 <= e["output_tokens"] <= 4_000 for e in events
-    )
+    assert all(100 <= e["input_tokens"] <= 50_000 and 10 <= e["output_tokens"] <= 4_000 for e in events)
     assert 0.4 < sum("cache_read_tokens" in e for e in events) / len(events) < 0.8
     assert 0.01 < sum("cache_write_tokens" in e for e in events) / len(events) < 0.2
     reasoning = {m.name for m in MODELS if m.reasoning}

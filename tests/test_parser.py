@@ -53,8 +53,7 @@ def observed_rows(result: Any) -> list[tuple[int, dict[str, Any]]]:
         for name, column in zip(batch.schema.names, batch.columns, strict=True)
     }
     return [
-        (index[i].as_py(), {name: columns[name][i] for name in FIELD_ORDER})
-        for i in range(batch.num_rows)
+        (index[i].as_py(), {name: columns[name][i] for name in FIELD_ORDER}) for i in range(batch.num_rows)
     ]
 
 

@@ -465,9 +465,7 @@ def parse(request: pytest.FixtureRequest) -> ParseBatch:
 
 @FUZZ
 @given(batch=batches, lateness_ms=lateness)
-def test_every_line_accounted_for(
-    parse: ParseBatch, batch: list[bytes | None], lateness_ms: int
-) -> None:
+def test_every_line_accounted_for(parse: ParseBatch, batch: list[bytes | None], lateness_ms: int) -> None:
     """Each parser on its own: one outcome per non-blank line (or one per message for a
     message-level reject), and every accepted row inside the contract."""
     result = parse(batch, now_ms=NOW, lateness_ms=lateness_ms)

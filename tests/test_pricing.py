@@ -333,8 +333,7 @@ def catalog_text(second: dict[str, str | None], top: str = "") -> str:
     m2 = {**M1, "id": '"m2"', "aliases": '["a2"]', **second}
     tables = [M1, {k: v for k, v in m2.items() if v is not None}]
     body = "".join(
-        "\n[[model]]\n" + "".join(f"{key} = {value}\n" for key, value in table.items())
-        for table in tables
+        "\n[[model]]\n" + "".join(f"{key} = {value}\n" for key, value in table.items()) for table in tables
     )
     return f'source = "s"\nas_of = "2026-01-01"\n{top}{body}'
 
