@@ -22,6 +22,7 @@ from meter.brokers import MockCluster
 from meter.config import Config
 from meter.manifest import totals
 from meter.pipeline import Pipeline
+from meter.reasons import PARSER_REASONS, TOO_LARGE
 
 MARKER = "_meter/demo-lake"
 
@@ -138,6 +139,9 @@ def run_demo(options: DemoOptions, out: IO[str] = sys.stdout) -> int:
                     bad_ratio=options.bad_ratio,
                     stop=stop,
                     on_progress=progress,
+                    # The mock brokers keep only the last 5 MiB per partition: a stream of
+                    # 1 MiB too_large messages would age the log past the consumer.
+                    bad_reasons=[r for r in PARSER_REASONS if r != TOO_LARGE],
                 )
             )
 

@@ -28,7 +28,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
@@ -138,11 +138,12 @@ def plan(
     start_ms: int | None = None,
     span_ms: int = 3600_000,
     now_ms: int | None = None,
+    bad_reasons: Sequence[str] = PARSER_REASONS,
 ) -> Iterator[Message]:
     """The messages `generate` sends, in order, without Kafka (a lazy iterator).
 
     ``events`` event slots are filled: ``floor(events * bad_ratio)`` of them, spread evenly,
-    with bad events cycling through PARSER_REASONS, the rest with valid events of
+    with bad events cycling through ``bad_reasons`` (all parser reasons by default), the rest with valid events of
     ``Mix(seed)`` spread over [start_ms, start_ms + span_ms). Slots are packed
     ``per_message`` to a message (NDJSON); a too_large bad event leaves its message and
     travels alone. ``floor(unique_messages * duplicate_ratio)`` messages, spread evenly, are
@@ -163,7 +164,10 @@ def plan(
     n_bad = int(events * bad)
     if n_bad < events:
         _check_window(start, span_ms, now)
-    return _plan(events, seed, per_message, bad, dup, n_bad, start, span_ms, now)
+    unknown = set(bad_reasons) - set(PARSER_REASONS)
+    if unknown or not bad_reasons:
+        raise ValueError(f"bad_reasons must be parser reason codes, got {sorted(unknown) or 'none'}")
+    return _plan(events, seed, per_message, bad, dup, n_bad, start, span_ms, now, tuple(bad_reasons))
 
 
 def _nth(k: int, ratio: Fraction) -> int:
@@ -185,6 +189,7 @@ def _plan(
     start_ms: int,
     span_ms: int,
     now_ms: int,
+    bad_reasons: tuple[str, ...],
 ) -> Iterator[Message]:
     mix = Mix(seed, start_ms=start_ms, span_ms=span_ms)
     valid = mix.events(events - n_bad)
@@ -217,7 +222,7 @@ def _plan(
     next_bad = _nth(0, bad) - 1 if n_bad else -1  # 0-based slot of the next bad event
     for slot in range(events):
         if slot == next_bad:
-            reason = PARSER_REASONS[n_bad_sent % len(PARSER_REASONS)]
+            reason = bad_reasons[n_bad_sent % len(bad_reasons)]
             n_bad_sent += 1
             next_bad = _nth(n_bad_sent, bad) - 1 if n_bad_sent < n_bad else -1
             line = bad_event(reason, bad_rng, now_ms=now_ms)
@@ -525,6 +530,7 @@ def generate(
     now_ms: int | None = None,
     stop: threading.Event | None = None,
     on_progress: Callable[[GenProgress], None] | None = None,
+    bad_reasons: Sequence[str] = PARSER_REASONS,
 ) -> GenSummary:
     """Send `plan(...)` to `topic` and return what was sent.
 
@@ -550,6 +556,7 @@ def generate(
         start_ms=start_ms,
         span_ms=span_ms,
         now_ms=now,
+        bad_reasons=bad_reasons,
     )
     tally = Tally(_resolve_catalog(catalog), now)
     kafka = dict(kafka or {})

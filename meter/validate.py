@@ -70,11 +70,11 @@ def validate_stream(
     now_ms: int | None = None,
     lateness_ms: int = DEFAULT_LATENESS_MS,
     total_bytes: int | None = None,
-    progress: IO[str] = sys.stderr,
+    progress: IO[str] | None = None,
 ) -> Totals:
     """Parse every line as one message; count accepted events by bucket and rejects by reason."""
     totals = Totals()
-    bar = _Progress(progress, total_bytes)
+    bar = _Progress(sys.stderr if progress is None else progress, total_bytes)
     done = 0
     now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     for numbers, lines in _numbers(stream):
