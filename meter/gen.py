@@ -143,8 +143,8 @@ def plan(
     """The messages `generate` sends, in order, without Kafka (a lazy iterator).
 
     ``events`` event slots are filled: ``floor(events * bad_ratio)`` of them, spread evenly,
-    with bad events cycling through ``bad_reasons`` (all parser reasons by default), the rest with valid events of
-    ``Mix(seed)`` spread over [start_ms, start_ms + span_ms). Slots are packed
+    with bad events cycling through ``bad_reasons`` (all parser reasons by default), the rest
+    with valid events of ``Mix(seed)`` spread over [start_ms, start_ms + span_ms). Slots are packed
     ``per_message`` to a message (NDJSON); a too_large bad event leaves its message and
     travels alone. ``floor(unique_messages * duplicate_ratio)`` messages, spread evenly, are
     followed by a verbatim re-send 0..MAX_RESEND_DELAY messages later. ``now_ms`` is the

@@ -113,6 +113,7 @@ class Pipeline:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Resume each partition from the manifest, after removing what a crashed flush left."""
+        self.writer.join()  # nothing of an earlier ownership may land after the manifest is read
         lake = self.config.lake
         for tp in partitions:
             key = (tp.topic, tp.partition)
@@ -122,7 +123,7 @@ class Pipeline:
 
             lake_mod.clear_orphans(lake, tp.topic, tp.partition, covered)
             position = load_partition(lake, tp.topic, tp.partition).position
-            self.positions[key] = position
+            self.buffer.resume(key, position)
             tp.offset = OFFSET_BEGINNING if position is None else position
             if position is not None:
                 # Kafka's committed offset may lag the manifest (a commit lost in a broker
@@ -163,10 +164,19 @@ class Pipeline:
         metrics.ASSIGNED.set(len(self.positions))
 
     def _on_conflict(self, flush: Flush) -> None:
-        """Another writer owns this range (we lost the partition): stop feeding it."""
+        """Another writer extended the chain: reload it, discard what was buffered, and
+        consume again from the manifest's position (ManifestConflict's contract). If this
+        daemon is the stale one, the group's rebalance takes the partition away soon."""
         key = (flush.topic, flush.partition)
-        self.buffer.drop([key])
-        self.positions.pop(key, None)
+        if key not in self.positions:
+            return
+        position = load_partition(self.config.lake, flush.topic, flush.partition).position
+        self.buffer.resume(key, position)
+        try:
+            offset = OFFSET_BEGINNING if position is None else position
+            self.consumer.seek(TopicPartition(flush.topic, flush.partition, offset))
+        except KafkaException as error:
+            log.warning("seek after a manifest conflict failed", extra={"error": str(error)})
 
     def ready(self) -> bool:
         """Partitions assigned and the lake writable (the observability issue adds flush age)."""

@@ -104,6 +104,7 @@ class Flush:
     start: int  # first offset covered: the chain end this writer built on
     after: int | None  # the manifest position read (None: no entry yet)
     end: int  # one past the last consumed offset: what gets committed
+    epoch: int  # bumped when the partition resumes from the manifest; fences older flushes
     messages: int
     events: pa.Table
     dlq: pa.Table
@@ -250,6 +251,7 @@ class Buffer(Terminal[Rows]):
         self.max_age_s = max_age_s
         self.clock = clock
         self.pending: dict[TP, _Pending] = {}
+        self.epochs: dict[TP, int] = {}
 
     @property
     def buffered_bytes(self) -> int:
@@ -304,6 +306,7 @@ class Buffer(Terminal[Rows]):
                     start=start,
                     after=after,
                     end=end,
+                    epoch=self.epochs.get(tp, 0),
                     messages=pending.messages,
                     events=pa.concat_tables([r.events for r in pending.rows]),
                     dlq=pa.concat_tables([r.dlq for r in pending.rows]),
@@ -314,6 +317,13 @@ class Buffer(Terminal[Rows]):
         """Forget buffered rows of partitions lost without a chance to flush."""
         for tp in partitions:
             self.pending.pop(tp, None)
+
+    def resume(self, tp: TP, position: int | None) -> None:
+        """Start the partition again at the manifest's position: buffered rows go, and
+        flushes already built on the old position are fenced by the new epoch."""
+        self.pending.pop(tp, None)
+        self.positions[tp] = position
+        self.epochs[tp] = self.epochs.get(tp, 0) + 1
 
 
 # ---------------------------------------------------------------- durable write to the lake
@@ -377,9 +387,22 @@ class LakeWriter(Terminal[Flush]):
         self.on_conflict = on_conflict
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meter-writer")
         self.in_flight: list[tuple[Flush, Future[ManifestEntry]]] = []
+        # Per partition, the epoch of a flush that collided with another writer: every flush
+        # of that epoch queued behind it builds on it and must not be written either.
+        self.fenced: dict[TP, int] = {}
 
     def submit(self, flush: Flush) -> None:
-        self.in_flight.append((flush, self.executor.submit(write_flush, self.lake, flush, self.writer_id)))
+        self.in_flight.append((flush, self.executor.submit(self._write, flush)))
+
+    def _write(self, flush: Flush) -> ManifestEntry:
+        key = (flush.topic, flush.partition)
+        if flush.epoch <= self.fenced.get(key, -1):
+            raise ManifestConflict(flush.topic, flush.partition, flush.start, "a fenced earlier entry")
+        try:
+            return write_flush(self.lake, flush, self.writer_id)
+        except ManifestConflict:
+            self.fenced[key] = flush.epoch
+            raise
 
     def _forward_done(self, block: bool) -> None:
         while self.in_flight and (block or self.in_flight[0][1].done()):
