@@ -168,7 +168,12 @@ def pin_one_core(cpu: int | None) -> int | None:
 
 
 def make_data(kind: str, n: int, n_pure: int, seed: int, directory: str) -> Data:
-    payloads = list(Mix(seed, kind, start_ms=START_MS, span_ms=SPAN_MS).messages(n))
+    generated = list(Mix(seed, kind, start_ms=START_MS, span_ms=SPAN_MS).messages(n))
+    # Copy into payloads allocated back to back, as a consumer's message.value() objects of
+    # one consume() call are; the generator's garbage would otherwise scatter them across
+    # the heap and every contender would mostly measure cache and TLB misses.
+    payloads = [bytes(bytearray(p)) for p in generated]
+    del generated
     blob = b"\n".join(payloads) + b"\n"
     path = os.path.join(directory, f"{kind}.ndjson")
     with open(path, "wb") as file:

@@ -451,19 +451,17 @@ cdef inline uint32_t hex4_unchecked(const uint8_t* p) noexcept nogil:
     return (HEXVAL[p[0]] << 12) | (HEXVAL[p[1]] << 8) | (HEXVAL[p[2]] << 4) | HEXVAL[p[3]]
 
 
-cdef Py_ssize_t decode_string(const uint8_t* s, Py_ssize_t start, Py_ssize_t end, Buf* out) noexcept nogil:
-    """Decode an already validated string body into `out`; returns its offset in `out`, -1 on OOM."""
-    cdef Py_ssize_t at = out.len
-    cdef Py_ssize_t i = start
+cdef Py_ssize_t decode_into(const uint8_t* s, Py_ssize_t start, Py_ssize_t end, uint8_t* out) noexcept nogil:
+    """Decode an already validated string body to `out` (room for end - start bytes: decoding
+    never grows a string); returns the decoded length."""
+    cdef Py_ssize_t i = start, n = 0
     cdef uint8_t c
     cdef uint32_t cp, low
-    if buf_reserve(out, end - start) < 0:  # decoding never grows a string
-        return -1
     while i < end:
         c = s[i]
         if c != 92:
-            out.data[out.len] = c
-            out.len += 1
+            out[n] = c
+            n += 1
             i += 1
             continue
         c = s[i + 1]
@@ -474,7 +472,7 @@ cdef Py_ssize_t decode_string(const uint8_t* s, Py_ssize_t start, Py_ssize_t end
                 low = hex4_unchecked(s + i + 2)
                 cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00)
                 i += 6
-            out.len += put_utf8(<uint8_t*>out.data + out.len, cp)
+            n += put_utf8(out + n, cp)
             continue
         if c == 98:
             c = 8
@@ -486,9 +484,18 @@ cdef Py_ssize_t decode_string(const uint8_t* s, Py_ssize_t start, Py_ssize_t end
             c = 13
         elif c == 116:
             c = 9
-        out.data[out.len] = c
-        out.len += 1
+        out[n] = c
+        n += 1
         i += 2
+    return n
+
+
+cdef Py_ssize_t decode_string(const uint8_t* s, Py_ssize_t start, Py_ssize_t end, Buf* out) noexcept nogil:
+    """Decode an already validated string body onto the end of `out`; returns its offset, -1 on OOM."""
+    cdef Py_ssize_t at = out.len
+    if buf_reserve(out, end - start) < 0:
+        return -1
+    out.len += decode_into(s, start, end, <uint8_t*>out.data + at)
     return at
 
 
@@ -964,20 +971,23 @@ cdef int rfc3339_ms(const uint8_t* p, Py_ssize_t n, int64_t* out, int* templ) no
     return 0
 
 
-cdef int check_string(Scan* sc, int field, const uint8_t** text, Py_ssize_t* size) noexcept nogil:
-    """Length, control-character and event_id charset rules on the decoded value."""
+cdef int check_string(Scan* sc, int field, Buf* column, const uint8_t** text, Py_ssize_t* size) noexcept nogil:
+    """Length, control-character and event_id charset rules on the decoded value.
+
+    An escaped value is decoded straight past the end of its column's buffer, where the row
+    commit finds it in place; `text` then points there, otherwise into the message.
+    """
     cdef Value* v = &sc.fields[field]
     cdef const uint8_t* p
-    cdef Py_ssize_t n, k, at
+    cdef Py_ssize_t n, k
     if v.kind != K_STRING:
         fail(sc, R_WRONG_TYPE, 10, field, v.kind)
         return -1
     if v.escaped:
-        at = decode_string(sc.s, v.start, v.end, &sc.arena)
-        if at < 0:
+        if buf_reserve(column, v.end - v.start) < 0:
             return -2
-        p = <const uint8_t*>sc.arena.data + at
-        n = sc.arena.len - at
+        p = <const uint8_t*>column.data + column.len
+        n = decode_into(sc.s, v.start, v.end, <uint8_t*>p)
     else:
         p = sc.s + v.start
         n = v.end - v.start
@@ -1151,7 +1161,7 @@ cdef int append_row(Scan* sc, Columns* col, int32_t message, int32_t line, int64
         if field == F_TS:
             rc = check_ts(sc, &ints[F_TS])
         elif field < N_STRINGS:
-            rc = check_string(sc, field, &text[field], &size[field])
+            rc = check_string(sc, field, &col.data[field], &text[field], &size[field])
         else:
             rc = check_tokens(sc, field, &ints[field])
         if rc < 0:
@@ -1174,9 +1184,10 @@ cdef int append_row(Scan* sc, Columns* col, int32_t message, int32_t line, int64
         if text[field] != NULL:
             if b.len + size[field] > 0x7FFFFFFF:
                 return -3
-            if b.len + size[field] > b.cap and buf_reserve(b, size[field]) < 0:
-                return -2
-            copy_bytes(b.data + b.len, text[field], size[field])
+            if not sc.fields[field].escaped:  # an escaped value was decoded in place
+                if b.len + size[field] > b.cap and buf_reserve(b, size[field]) < 0:
+                    return -2
+                copy_bytes(b.data + b.len, text[field], size[field])
             b.len += size[field]
             if optional_string(field):
                 col.valid[field].data[row >> 3] |= <char>(1 << (row & 7))

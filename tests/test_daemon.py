@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -94,20 +93,6 @@ class Daemon:
 
     def running(self) -> bool:
         return self.proc.poll() is None
-
-    def wait_healthy(self, timeout: float = 30.0) -> None:
-        """Until /healthz answers: the signal handlers are installed by then."""
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.running(), f"meter run exited with {self.proc.returncode} while starting"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=0.5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"meter run not healthy after {timeout:.0f}s"
-            time.sleep(0.05)
 
     def wait_assigned(self, timeout: float = 30.0) -> None:
         """Until this process logged its partition assignment."""

@@ -710,12 +710,16 @@ class FakeGroupConsumer(FakeConsumer):
     def __init__(self) -> None:
         super().__init__()
         self.assigned: list[tuple[str, int, int]] = []
+        self.seeks: list[tuple[str, int, int]] = []
 
     def assign(self, partitions: list[Any]) -> None:
         self.assigned = [(tp.topic, tp.partition, tp.offset) for tp in partitions]
 
     def unassign(self) -> None:
         self.assigned = []
+
+    def seek(self, tp: Any) -> None:
+        self.seeks.append((tp.topic, tp.partition, tp.offset))
 
     def close(self) -> None:
         return None
@@ -779,5 +783,89 @@ def test_ready_once_partitions_are_assigned_to_a_new_lake(tmp_path: Path) -> Non
         assert not p.ready()  # nothing assigned yet
         p._on_assign(consumer, [TopicPartition(TOPIC, 0)])
         assert p.ready()
+    finally:
+        p.writer.close()
+
+
+# --- a writer that lost its partition (a zombie) ----------------------------------------------
+
+
+def test_flushes_queued_behind_a_fenced_one_are_fenced_too(tmp_path: Path) -> None:
+    """A zombie (a daemon that lost the partition but still flushes) has two flushes of one
+    partition in flight: [5, 12) built on the chain end 5 it read, then [12, 14) built on the
+    first one's end. The partition's new owner already wrote [5, 9) and [9, 15). The first
+    flush collides at 5, as `append_entry` intends; the second must not be written either: 12
+    was never a chain end, so nothing collides there, and an entry at 12 overlaps [9, 15) and
+    breaks the partition's manifest for every reader."""
+    lake = str(tmp_path / "lake")
+    write_flush(lake, make_flush([event(i) for i in range(5)], 0, after=None), "common")
+    write_flush(lake, make_flush([event(i) for i in range(5, 9)], 5, after=5), "owner")
+    write_flush(lake, make_flush([event(i) for i in range(9, 15)], 9, after=9), "owner")
+
+    sink = Sink()
+    conflicts: list[Flush] = []
+    zombie = LakeWriter(sink, lake, "zombie", conflicts.append)
+    try:
+        first = make_flush([event(i) for i in range(5, 12)], 5, after=5)
+        second = make_flush([event(i) for i in range(12, 14)], 12, after=12)
+        zombie.submit(first)
+        zombie.submit(second)
+        zombie.join()
+    finally:
+        zombie.close()
+    assert conflicts and conflicts[0] is first
+    assert [(d.entry.start, d.entry.end) for d in sink.items] == [], (
+        "a flush built on a fenced one was written"
+    )
+    state = load_partition(lake, TOPIC, 0)  # raises ManifestCorrupt on an overlap
+    assert [(e.start, e.end) for e in state.entries] == [(0, 5), (5, 9), (9, 15)]
+
+
+class FakeMessage:
+    def __init__(self, topic: str, partition: int, offset: int, value: bytes) -> None:
+        self._where = (topic, partition, offset)
+        self._value = value
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self._where[0]
+
+    def partition(self) -> int:
+        return self._where[1]
+
+    def offset(self) -> int:
+        return self._where[2]
+
+    def value(self) -> bytes:
+        return self._value
+
+
+def test_an_owner_fenced_by_a_zombie_resumes_from_the_manifest(tmp_path: Path) -> None:
+    """The writer that collides is not always the stale one: here a zombie appended [0, 3)
+    while the partition's owner had [0, 5) buffered. ManifestConflict's contract: reload the
+    partition and resume from its position, discarding the batch. Today the pipeline drops the
+    partition from `positions` instead, so every later message of it is skipped until the
+    next rebalance, which in a stable group does not come: the partition stops being metered.
+    Resuming needs a seek: the consumer has already fetched past the manifest's position."""
+    from confluent_kafka import TopicPartition
+
+    lake = tmp_path / "lake"
+    p, consumer = pipeline(lake)
+    key = (TOPIC, 0)
+    try:
+        p._on_assign(consumer, [TopicPartition(TOPIC, 0)])
+        for c in p._chunks([FakeMessage(TOPIC, 0, i, event(i)) for i in range(5)]):
+            p.parse.submit(c)
+        write_flush(str(lake), make_flush([event(i) for i in range(3)], 0, after=None), "zombie")
+        p.buffer.join()
+        p.writer.join()
+        assert load_partition(lake, TOPIC, 0).position == 3
+        assert p.positions.get(key) == 3, "the fenced partition is no longer fed"
+        assert consumer.seeks == [(TOPIC, 0, 3)]
+        # what the consumer delivers from there is metered again
+        chunks = p._chunks([FakeMessage(TOPIC, 0, i, event(i)) for i in range(3, 6)])
+        assert [c.offsets for c in chunks] == [[3, 4, 5]]
     finally:
         p.writer.close()
