@@ -5,9 +5,19 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.meter-installed
 SRC    := pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxd)
 
-.PHONY: all install build test test-fast test-asan lint demo bench clean
+# Debian packages the tests use (real servers and validators), installed when missing.
+DEB_PACKAGES :=
+
+.PHONY: all install build system-deps test test-fast test-asan lint demo bench clean
 
 all: install
+
+system-deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 $(STAMP): $(SRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +31,7 @@ install: $(STAMP)
 build: $(STAMP)
 	$(BIN)/python setup.py --quiet build_ext --inplace
 
-test: install
+test: install system-deps
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory test-asan
 

@@ -204,6 +204,8 @@ class Pipeline:
                 chunk = chunks[key] = Chunk(topic, partition, [], [], now_ms)
             chunk.payloads.append(message.value())
             chunk.offsets.append(offset)
+            chunk.headers.append(message.headers())
+            chunk.timestamps.append(message.timestamp())
         return list(chunks.values())
 
     def _on_error(self, message: Message, error: KafkaError) -> None:

@@ -73,13 +73,19 @@ class Terminal(Generic[T]):
 
 @dataclass
 class Chunk:
-    """The messages of one Kafka partition from one consume() call."""
+    """The messages of one Kafka partition from one consume() call.
+
+    `headers` and `timestamps` ((type, ms) as confluent-kafka gives them) are kept for the
+    signature check, which needs the record's broker time and its meter-* headers.
+    """
 
     topic: str
     partition: int
     payloads: list[bytes | None]
     offsets: list[int]
     arrival_ms: int
+    headers: list[list[tuple[str, bytes]] | None] = field(default_factory=list)
+    timestamps: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:

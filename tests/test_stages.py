@@ -841,6 +841,12 @@ class FakeMessage:
     def value(self) -> bytes:
         return self._value
 
+    def headers(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, ARRIVAL_MS)  # TIMESTAMP_CREATE_TIME
+
 
 def test_an_owner_fenced_by_a_zombie_resumes_from_the_manifest(tmp_path: Path) -> None:
     """The writer that collides is not always the stale one: here a zombie appended [0, 3)
