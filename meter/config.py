@@ -65,6 +65,13 @@ def _positive_float(value: Any) -> float:
     return number
 
 
+def _non_negative_float(value: Any) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must be zero or a positive number")
+    return number
+
+
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -166,6 +173,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("lateness_days", _positive_float, DEFAULT_LATENESS_MS / 86_400_000, "oldest accepted event age"),
     Setting("commit_interval_s", _positive_float, 5.0, "re-commit durable offsets this often"),
     Setting("consume_batch", _positive_int, 10_000, "messages per consume() call"),
+    Setting("dedup_window_s", _non_negative_float, 600.0, "event-id dedup window in seconds (0 = off)"),
+    Setting("dedup_max_ids", _positive_int, 4_000_000, "event ids held for dedup (32-64 MB per million)"),
     Setting("session_timeout_ms", _positive_int, 10_000, "consumer group session timeout"),
     Setting("instance_id", _optional(_nonempty), None, "static group membership id (group.instance.id)"),
     Setting("dlq_topic", _optional(_nonempty), None, "also produce dead-letter rows to this Kafka topic"),
@@ -192,6 +201,8 @@ class Config:
     lateness_days: float = DEFAULT_LATENESS_MS / 86_400_000
     commit_interval_s: float = 5.0
     consume_batch: int = 10_000
+    dedup_window_s: float = 600.0
+    dedup_max_ids: int = 4_000_000
     session_timeout_ms: int = 10_000
     instance_id: str | None = None
     dlq_topic: str | None = None

@@ -24,8 +24,9 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from meter import lake as lake_mod
-from meter import metrics
+from meter import metrics, systemd
 from meter.config import Config
+from meter.dedup import Dedup
 from meter.manifest import load_partition
 from meter.pricing import Catalog, load_catalog
 from meter.stages import TP, Buffer, Chunk, Durable, Flush, LakeWriter, ParseAndPrice, Terminal
@@ -104,10 +105,17 @@ class Pipeline:
             config.batch_max_bytes,
             config.batch_max_age_s,
         )
-        self.parse = ParseAndPrice(
-            self.buffer, self.catalog, config.lateness_ms, config.reject_unknown_models
+        self.dedup = (
+            Dedup(self.buffer, config.lake, config.dedup_window_s, config.dedup_max_ids)
+            if config.dedup_window_s > 0
+            else None
         )
-        self.steps = (self.parse, self.buffer, self.writer, self.committer)
+        self.parse = ParseAndPrice(
+            self.dedup or self.buffer, self.catalog, config.lateness_ms, config.reject_unknown_models
+        )
+        self.steps = tuple(
+            step for step in (self.parse, self.dedup, self.buffer, self.writer, self.committer) if step
+        )
 
     # ------------------------------------------------------------ partitions
 
@@ -123,7 +131,7 @@ class Pipeline:
 
             lake_mod.clear_orphans(lake, tp.topic, tp.partition, covered)
             position = load_partition(lake, tp.topic, tp.partition).position
-            self.buffer.resume(key, position)
+            self._resume(key, position)
             tp.offset = OFFSET_BEGINNING if position is None else position
             if position is not None:
                 # Kafka's committed offset may lag the manifest (a commit lost in a broker
@@ -132,6 +140,7 @@ class Pipeline:
         consumer.assign(partitions)
         metrics.ASSIGNED.set(len(self.positions))
         metrics.REBALANCES.labels("assign").inc()
+        systemd.notifier().ready("consuming")  # the group is joined and partitions resumed
         log.info(
             "partitions assigned",
             extra={"partitions": [f"{t.topic}[{t.partition}]@{t.offset}" for t in partitions]},
@@ -157,9 +166,18 @@ class Pipeline:
         metrics.REBALANCES.labels("lost").inc()
         log.warning("partitions lost", extra={"partitions": [f"{t}[{p}]" for t, p in keys]})
 
+    def _resume(self, key: TP, position: int | None) -> None:
+        """(Re)start a partition at the manifest's position: nothing buffered or remembered
+        from before survives; dedup reloads its ids from the lake on the next rows."""
+        self.buffer.resume(key, position)
+        if self.dedup is not None:
+            self.dedup.forget([key])
+
     def _forget(self, keys: list[TP]) -> None:
         for key in keys:
             self.positions.pop(key, None)
+        if self.dedup is not None:
+            self.dedup.forget(keys)
         self.committer.forget(keys)
         metrics.ASSIGNED.set(len(self.positions))
 
@@ -171,7 +189,7 @@ class Pipeline:
         if key not in self.positions:
             return
         position = load_partition(self.config.lake, flush.topic, flush.partition).position
-        self.buffer.resume(key, position)
+        self._resume(key, position)
         try:
             offset = OFFSET_BEGINNING if position is None else position
             self.consumer.seek(TopicPartition(flush.topic, flush.partition, offset))
@@ -253,6 +271,7 @@ class Pipeline:
                 for step in self.steps:
                     step.poll()
                 self._backpressure()
+                systemd.notifier().watchdog()
         finally:
             self.shutdown()
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,7 +34,7 @@ from meter.manifest import (
 from meter.parser import parse_batch
 from meter.pricing import Catalog
 from meter.reasons import Reject
-from meter.schema import DLQ, LAKE_EVENTS, PRICED
+from meter.schema import DLQ, LAKE_EVENTS
 
 log = logging.getLogger("meter.pipeline")
 
@@ -84,7 +84,7 @@ class Chunk:
     payloads: list[bytes | None]
     offsets: list[int]
     arrival_ms: int
-    headers: list[list[tuple[str, bytes]] | None] = field(default_factory=list)
+    headers: list[Any] = field(default_factory=list)  # message.headers(): [(key, value)] or None
     timestamps: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -94,11 +94,37 @@ class Chunk:
 
 @dataclass
 class Rows:
-    """A chunk turned into lake rows: accepted events and dead-letter rows."""
+    """A chunk turned into lake rows: accepted events and dead-letter rows.
+
+    `origin` and `lines` give each event row's message index and line in the chunk, so a
+    later step can still turn a row into a dead-letter row holding its raw bytes.
+    """
 
     chunk: Chunk
     events: pa.Table  # LAKE_EVENTS
     dlq: pa.Table  # DLQ
+    origin: pa.Array
+    lines: pa.Array
+
+    def reject(self, mask: pa.BooleanArray, reason: str, details: list[str]) -> Rows:
+        """Move the event rows where `mask` is true to the DLQ with `reason`, one detail each."""
+        rejects = [
+            Reject(message, line, reason, detail)
+            for message, line, detail in zip(
+                pc.filter(self.origin, mask).to_pylist(),
+                pc.filter(self.lines, mask).to_pylist(),
+                details,
+                strict=True,
+            )
+        ]
+        keep = pc.invert(mask)
+        return Rows(
+            self.chunk,
+            self.events.filter(keep),
+            pa.concat_tables([self.dlq, dlq_table(self.chunk, rejects)]),
+            pc.filter(self.origin, keep),
+            pc.filter(self.lines, keep),
+        )
 
 
 @dataclass
@@ -185,23 +211,6 @@ class ParseAndPrice(Terminal[Chunk]):
     def submit(self, chunk: Chunk) -> None:
         result = parse_batch(chunk.payloads, now_ms=self.clock_ms(), lateness_ms=self.lateness_ms)
         priced = self.catalog.price(result.batch)
-        origin = result.message_index
-        rejects = list(result.rejects)
-        if self.reject_unknown and priced.num_rows:
-            unknown = pc.is_null(priced.column("cost_usd"))
-            if pc.any(unknown).as_py():
-                keep = pc.invert(unknown)
-                for message, line, model in zip(
-                    pc.filter(origin, unknown).to_pylist(),
-                    pc.filter(result.line_index, unknown).to_pylist(),
-                    pc.filter(priced.column("model"), unknown).to_pylist(),
-                    strict=True,
-                ):
-                    detail = f"model {model!r} is not in the price catalog"
-                    rejects.append(Reject(message, line, R.UNKNOWN_MODEL, detail))
-                priced = priced.filter(keep)
-                origin = pc.filter(origin, keep)
-        offsets = pc.take(pa.array(chunk.offsets, pa.int64()), origin)
         n = priced.num_rows
         events = pa.Table.from_batches(
             [
@@ -210,14 +219,20 @@ class ParseAndPrice(Terminal[Chunk]):
                         *priced.columns,
                         pa.array([chunk.topic] * n, pa.string()),
                         pa.array([chunk.partition] * n, pa.int32()),
-                        offsets,
+                        pc.take(pa.array(chunk.offsets, pa.int64()), result.message_index),
                     ],
                     schema=LAKE_EVENTS,
                 )
             ]
         )
-        assert priced.schema.equals(PRICED)
-        self.next_step.submit(Rows(chunk, events, dlq_table(chunk, rejects)))
+        rows = Rows(chunk, events, dlq_table(chunk, result.rejects), result.message_index, result.line_index)
+        if self.reject_unknown and n:
+            unknown = pc.is_null(priced.column("cost_usd"))
+            if pc.any(unknown).as_py():
+                models = pc.filter(priced.column("model"), unknown).to_pylist()
+                details = [f"model {m!r} is not in the price catalog" for m in models]
+                rows = rows.reject(unknown, R.UNKNOWN_MODEL, details)
+        self.next_step.submit(rows)
 
 
 # ---------------------------------------------------------------- buffer per partition
