@@ -6,9 +6,9 @@ STAMP  := $(VENV)/.meter-installed
 SRC    := pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxd)
 
 # Debian packages the tests use (real servers and validators), installed when missing.
-DEB_PACKAGES :=
+DEB_PACKAGES := prometheus systemd buildah debootstrap chromium
 
-.PHONY: all install build system-deps test test-fast test-asan lint demo bench clean
+.PHONY: all install build system-deps test test-fast test-asan validate-deploy lint demo bench clean
 
 all: install
 
@@ -22,7 +22,7 @@ system-deps:
 $(STAMP): $(SRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,ops]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,12 +31,23 @@ install: $(STAMP)
 build: $(STAMP)
 	$(BIN)/python setup.py --quiet build_ext --inplace
 
-test: install system-deps
-	$(BIN)/python -m pytest -q
+test: install system-deps validate-deploy
+	$(BIN)/python -m pytest -q -m "not deploy"
 	$(MAKE) --no-print-directory test-asan
 
+# Deploy artefacts (systemd, image, Kubernetes, Helm, PrometheusRule) and the release build,
+# each checked by its real validator, failing on any warning (tests/test_deploy*.py,
+# tests/test_release.py). checkov lives in a venv of its own: it pins an older packaging.
+CHECKOV := $(VENV)/checkov/bin/checkov
+$(CHECKOV):
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/python -m pip install --quiet 'checkov==3.3.30'
+
+validate-deploy: install system-deps $(CHECKOV)
+	$(BIN)/python -m pytest -q -m deploy
+
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -m "not integration and not deploy"
 
 # The parser tests against a debug build (bounds checks, C asserts) under AddressSanitizer/UBSan,
 # built in a scratch copy of the tree so the regular extension stays untouched.
@@ -48,7 +59,7 @@ test-asan: install
 	cd $(ASAN_TREE) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		PYTHONPATH=. METER_EXPECT_DEBUG_BUILD=1 ../../$(BIN)/python -m pytest -q -p no:cacheprovider \
-		tests/test_parser.py tests/test_parser_fuzz.py
+		tests/test_parser.py tests/test_parser_fuzz.py tests/test_verify.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -43,6 +43,12 @@ extensions = [
         extra_link_args=link_args,
     ),
     Extension(
+        "meter._verify",
+        ["ext/_verify.pyx"],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    ),
+    Extension(
         "meter._dedup",
         ["ext/_dedup.pyx"],
         extra_compile_args=compile_args,

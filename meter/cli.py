@@ -106,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from meter import config, log, metrics
     from meter.pipeline import Pipeline
+    from meter.signing import install_reload_signal
+    from meter.systemd import notifier
 
     try:
         settings = config.load(args)
@@ -119,12 +121,19 @@ def _run(args: argparse.Namespace) -> int:
 
     def on_signal(signum: int, _frame: object) -> None:
         logger.info("stopping: flush, commit, close", extra={"signal": signal.Signals(signum).name})
+        notifier().stopping("flushing")
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     pipeline = Pipeline(settings)
-    server = metrics.serve(settings.metrics_addr, pipeline.ready) if settings.metrics_addr else None
+    install_reload_signal(pipeline.verify)  # SIGHUP reloads the keyring
+    if settings.policy or settings.detect_daily:  # budget gauges, flagged users, daily detection
+        from meter.budget import start_daemon_jobs
+
+        registry = metrics.DEFAULT.registry
+        start_daemon_jobs(settings.lake, settings.policy, settings.detect_daily, registry, stop)
+    server = metrics.serve(settings.metrics_addr, pipeline.readiness) if settings.metrics_addr else None
     try:
         pipeline.run(stop)
     finally:
@@ -137,17 +146,37 @@ def _run(args: argparse.Namespace) -> int:
 def _add_query(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "query",
-        help="run read-only SQL over the lake (views events, dlq)",
-        description="Run SQL on an in-memory DuckDB over the files the lake's "
-        "manifest lists: views events (with date, hour) and dlq (with date). "
-        "No other file can be read or written.",
+        help="run read-only SQL over the lake, sandboxed (views events, dlq, rollups, prices)",
+        description="Run SELECT statements on an in-memory DuckDB over the files the "
+        "lake's manifest lists: views events (with date, hour), dlq (with date), "
+        "rollup_minute, rollup_hour, rollup_day and prices. No other file can be read, "
+        "nothing can be written, and the query runs under a time and a memory limit.",
     )
     p.add_argument("sql", help="the SQL to run (the last statement's result is printed)")
     p.add_argument("--lake", required=True, metavar="PATH", help="the lake directory")
     p.add_argument(
         "--format",
-        choices=("table", "csv", "json"),
-        help="output format (default: table on a terminal, csv otherwise)",
+        choices=("table", "csv", "json", "parquet"),
+        help="output format (default: table on a terminal, csv otherwise; parquet needs --out)",
+    )
+    p.add_argument(
+        "--out", metavar="FILE", help="write the result to FILE (outside the lake) instead of stdout"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="stop the query after this long, 0 for no limit (default 120)",
+    )
+    p.add_argument(
+        "--memory-limit",
+        default="2GiB",
+        metavar="SIZE",
+        help="memory the query may use, e.g. 512MB, 4GiB; nothing spills to disk (default 2GiB)",
+    )
+    p.add_argument(
+        "--catalog", metavar="FILE", help="price catalog for the prices view (default: the packaged one)"
     )
     p.add_argument(
         "--param",
@@ -169,11 +198,13 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
 
 def _query(args: argparse.Namespace) -> int:
     import re
+    from typing import TextIO
 
     import duckdb
 
     from meter.manifest import ManifestError
-    from meter.query import run
+    from meter.pricing import load_catalog
+    from meter.query import Limits, export_parquet, output_file, parse_size, run
 
     params: dict[str, str] = {}
     for item in args.param:
@@ -185,9 +216,35 @@ def _query(args: argparse.Namespace) -> int:
         params[name] = value
     if args.max_rows < 0:
         raise ValueError(f"--max-rows must be >= 0, got {args.max_rows}")
-    fmt = args.format or ("table" if sys.stdout.isatty() else "csv")
+    if args.timeout < 0:
+        raise ValueError(f"--timeout must be >= 0, got {args.timeout}")
+    limits = Limits(timeout_s=args.timeout or None, memory_limit=parse_size(args.memory_limit))
+    catalog = load_catalog(args.catalog) if args.catalog else None
+    fmt = args.format or ("table" if sys.stdout.isatty() and not args.out else "csv")
+    if fmt == "parquet" and not args.out:
+        raise ValueError("--format parquet writes a file: give it with --out FILE")
+
+    def write(out: TextIO) -> None:
+        max_rows = args.max_rows or None
+        run(
+            args.lake,
+            args.sql,
+            out,
+            fmt=fmt,
+            params=params,
+            max_rows=max_rows,
+            limits=limits,
+            catalog=catalog,
+        )
+
     try:
-        run(args.lake, args.sql, sys.stdout, fmt=fmt, params=params, max_rows=args.max_rows or None)
+        if fmt == "parquet":
+            export_parquet(args.lake, args.sql, args.out, params=params, limits=limits, catalog=catalog)
+        elif args.out:
+            with output_file(args.lake, args.out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+                write(f)
+        else:
+            write(sys.stdout)
     except (duckdb.Error, ManifestError) as error:
         sys.stdout.flush()
         print(f"meter query: {error}", file=sys.stderr)
@@ -223,11 +280,382 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _add_compact(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compact",
+        help="merge the small files of closed partitions, atomically with the manifest",
+        description="Merge runs of small listed files of closed partitions (event-time "
+        "hours, DLQ dates) into large ones, per Kafka partition, and swap them into the "
+        "manifest in one atomic step; safe against a running daemon and running queries.",
+    )
+    p.add_argument("--lake", required=True, metavar="PATH", help="the lake directory")
+    p.add_argument(
+        "--target-mb", type=float, default=128.0, metavar="MB", help="merged file size in MiB (default 128)"
+    )
+    p.add_argument(
+        "--grace-hours",
+        type=float,
+        default=2.0,
+        metavar="H",
+        help="a partition is closed this long after its end (default 2)",
+    )
+    p.add_argument(
+        "--delete-after-minutes",
+        type=float,
+        default=15.0,
+        metavar="M",
+        help="keep replaced files this long for queries still reading them (default 15)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only report what would be merged")
+    p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    p.set_defaults(func=_compact)
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from meter.compact import CompactError, CompactPolicy, compact
+    from meter.manifest import ManifestError
+
+    policy = CompactPolicy(
+        target_bytes=int(args.target_mb * (1 << 20)),
+        grace_s=args.grace_hours * 3600,
+        delete_grace_s=args.delete_after_minutes * 60,
+    )
+    try:
+        report = compact(args.lake, policy, dry_run=args.dry_run)
+    except (CompactError, ManifestError) as error:
+        print(f"meter compact: {error}", file=sys.stderr)
+        return EXIT_REJECTED
+    doc = report.to_json()
+    if args.json:
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        width = max(len(name) for name in doc)
+        print("\n".join(f"{name:<{width}}  {value}" for name, value in doc.items() if name != "errors"))
+    for skipped in report.errors:
+        print(f"meter compact: skipped {skipped}", file=sys.stderr)
+    return EXIT_REJECTED if report.errors else EXIT_OK
+
+
+def _add_rollup(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "rollup",
+        help="bring the minute, hour and day rollups up to date (incremental)",
+        description="Sum the lake's events by minute, hour and day and by org, team, user, "
+        "model, provider and client with DuckDB. Only event-time partitions whose listed "
+        "files changed since the last run are rebuilt.",
+    )
+    p.add_argument("--lake", required=True, metavar="PATH", help="the lake directory")
+    p.add_argument("--full", action="store_true", help="rebuild every partition")
+    p.add_argument(
+        "--grace-minutes",
+        type=float,
+        default=10.0,
+        metavar="M",
+        help="keep replaced rollup files this long for queries still reading them (default 10)",
+    )
+    p.add_argument("--threads", type=int, metavar="N", help="DuckDB threads (default: all cores)")
+    p.add_argument("--memory-limit", metavar="SIZE", help="DuckDB memory limit, e.g. 4GB")
+    p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    p.set_defaults(func=_rollup)
+
+
+def _rollup(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from meter.manifest import ManifestError
+    from meter.rollup import RollupBusy, build_rollups
+
+    try:
+        report = build_rollups(
+            args.lake,
+            full=args.full,
+            grace_s=args.grace_minutes * 60,
+            threads=args.threads,
+            memory_limit=args.memory_limit,
+        )
+    except (RollupBusy, ManifestError) as error:
+        print(f"meter rollup: {error}", file=sys.stderr)
+        return EXIT_REJECTED
+    except duckdb.Error as error:
+        print(f"meter rollup: {error} (meter audit tells what is wrong with the lake)", file=sys.stderr)
+        return EXIT_REJECTED
+    doc = report.to_json()
+    if args.json:
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        width = max(len(name) for name in doc)
+        print("\n".join(f"{name:<{width}}  {value}" for name, value in doc.items()))
+    return EXIT_OK
+
+
+def _add_reprice(sub: argparse._SubParsersAction) -> None:
+    from meter.reprice import GROUP_KEYS
+
+    p = sub.add_parser(
+        "reprice",
+        help="what stored usage would cost under another catalog, per group",
+        description="Price every listed event in the range again with another catalog (at "
+        "its event time) and compare with its stored cost, per group. The lake is not changed.",
+    )
+    p.add_argument("--lake", required=True, metavar="PATH", help="the lake directory")
+    p.add_argument("--catalog", required=True, metavar="FILE", help="the catalog to price with")
+    p.add_argument("--from", dest="start", metavar="TIMESTAMP", help="first event time (date or RFC 3339)")
+    p.add_argument("--to", dest="end", metavar="TIMESTAMP", help="end of the range, exclusive")
+    p.add_argument(
+        "--by",
+        default="team,model",
+        metavar="KEY[,KEY...]",
+        help=f"group keys, '' for the total only (default team,model; from {', '.join(GROUP_KEYS)})",
+    )
+    p.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        help="output format (default: table on a terminal, csv otherwise)",
+    )
+    p.add_argument(
+        "--max-rows", type=int, default=1000, metavar="N", help="table format: rows shown, 0 for all"
+    )
+    p.add_argument(
+        "--apply",
+        action="store_true",
+        help="restate stored costs as new file versions (not available yet: see docs/analytics.md)",
+    )
+    p.set_defaults(func=_reprice)
+
+
+def _reprice(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from meter.manifest import ManifestError
+    from meter.pricing import CatalogError, load_catalog, parse_instant_ms
+    from meter.query import write_result
+    from meter.reprice import reprice
+
+    if args.apply:
+        print(
+            "meter reprice: --apply is not available yet: restating costs needs a manifest record "
+            "that replaces a file by a new version of it (see docs/analytics.md); nothing was changed",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    by = [k.strip() for k in args.by.split(",") if k.strip()]
+    try:
+        catalog = load_catalog(args.catalog)
+    except CatalogError as error:
+        print(f"meter reprice: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    start = parse_instant_ms(args.start) if args.start else None
+    end = parse_instant_ms(args.end) if args.end else None
+    try:
+        result = reprice(args.lake, catalog, start_ms=start, end_ms=end, by=by)
+    except (ManifestError, duckdb.Error) as error:
+        print(f"meter reprice: {error}", file=sys.stderr)
+        return EXIT_REJECTED
+    fmt = args.format or ("table" if sys.stdout.isatty() else "csv")
+    if fmt != "table" or not by:
+        write_result(result.table if by else result.total, sys.stdout, fmt, max_rows=args.max_rows or None)
+        return EXIT_OK
+    write_result(result.table, sys.stdout, fmt, max_rows=args.max_rows or None)
+    total = result.total.to_pylist()[0]
+    print(
+        f"total over {result.files} files: {total['events']} events, stored {total['stored_cost_usd']} USD, "
+        f"new {total['new_cost_usd']} USD, difference {total['difference_usd']} USD "
+        f"({catalog.source}, as of {catalog.as_of})"
+    )
+    return EXIT_OK
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="verify the lake: chains, files, rows, unlisted files, rollups; exit 1 on any error",
+        description="Check that every partition's offsets are covered without gap or overlap, "
+        "that files match their manifest records (rows, bytes, token and cost sums, sha256), "
+        "that rollups equal a fresh aggregation, and that no unlisted file sits in the lake.",
+    )
+    p.add_argument("--lake", required=True, metavar="PATH", help="the lake directory")
+    p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    p.add_argument(
+        "--no-record",
+        action="store_true",
+        help="do not record checksums of newly seen files (the audit then writes nothing)",
+    )
+    p.set_defaults(func=_audit)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from meter.audit import audit
+
+    report = audit(args.lake, record=not args.no_record)
+    if args.json:
+        sys.stdout.write(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(report.render())
+    return EXIT_OK if report.ok else EXIT_REJECTED
+
+
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="create and inspect signature keys (the keyring)")
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    new = keys.add_parser("new", help="create a key: secret to a new mode-600 file, [[key]] table to stdout")
+    new.add_argument("kid", help="key id, 1-64 of A-Z a-z 0-9 . _ -")
+    new.add_argument("--alg", choices=("hmac-sha256", "ed25519"), default="hmac-sha256")
+    new.add_argument("--secret-file", metavar="PATH", help="the new secret's file (default: ./KID.secret)")
+    new.add_argument("--secret-ref", metavar="REF", help="secret_ref to print instead (e.g. env:NAME)")
+    new.add_argument("--gateway", help="bind the key to this gateway (events' client)")
+    new.add_argument("--topic", action="append", help="topic the key may sign for (repeatable; default any)")
+    new.add_argument("--not-before", metavar="TIMESTAMP", help="date or RFC 3339 instant")
+    new.add_argument("--not-after", metavar="TIMESTAMP", help="date or RFC 3339 instant")
+    actions = (("list", "list keys and their status"), ("check", "load as the daemon would; warn"))
+    for name, helptext in actions:
+        q = keys.add_parser(name, help=helptext)
+        q.add_argument("--keyring", required=True, metavar="FILE")
+        q.add_argument("--at", metavar="TIMESTAMP", help="status at this instant (default: now)")
+        q.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "check":
+            q.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    p.set_defaults(func=_keys)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from meter import keytool
+
+    action = {"new": keytool.keys_new, "list": keytool.keys_list, "check": keytool.keys_check}
+    return action[args.keys_command](args)
+
+
+def _add_sign(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sign", help="sign messages (one per input line): print headers, or produce them")
+    p.add_argument("file", nargs="?", default="-", help="messages, one per line (default: standard input)")
+    p.add_argument("--kid", required=True, help="the key id to sign with")
+    p.add_argument("--topic", required=True, help="the topic the messages are for (it is signed)")
+    p.add_argument("--keyring", metavar="FILE", help="take the HMAC secret of --kid from this keyring")
+    p.add_argument("--secret-ref", metavar="REF", help="or from env:NAME / file:PATH")
+    p.add_argument("--ed25519-key", metavar="FILE", help="or sign with this Ed25519 private key file")
+    p.add_argument("--ts", type=int, metavar="MS", help="signing time in epoch ms (default: now)")
+    p.add_argument("--brokers", metavar="HOST:PORT[,...]", help="produce the signed messages to --topic")
+    p.add_argument("--kafka", action="append", default=[], metavar="KEY=VALUE", help="producer setting")
+    p.set_defaults(func=_sign)
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from meter import keytool
+
+    return keytool.sign(args)
+
+
+def _add_detect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "detect",
+        help="flag usage-gaming anomalies with evidence (writes LAKE/flags/, prints a ranking)",
+        description="Run the usage-gaming detectors (docs/integrity.md) on a day or a range of "
+        "days of the lake, write each day's hits to LAKE/flags/ and print the users whose "
+        "flags count (a detector fired on min_days days), ranked.",
+    )
+    p.add_argument("--lake", required=True, metavar="PATH", help="the lake directory")
+    p.add_argument("--day", metavar="YYYY-MM-DD", help="one UTC day (default: yesterday)")
+    p.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="first day of a range")
+    p.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD", help="last day of a range")
+    p.add_argument("--policy", metavar="FILE", help="policy TOML: [detect] settings, [[deadline]] dates")
+    p.add_argument(
+        "--trend",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the long-window trend detector (default: on for --from/--to, off for --day)",
+    )
+    p.add_argument("--no-write", action="store_true", help="detect and print only; write no flags")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--limit", type=int, default=50, metavar="N", help="table: users shown (0: all)")
+    p.add_argument("--threads", type=int, metavar="N", help="DuckDB threads (default: all cores)")
+    p.set_defaults(func=_detect)
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from meter.detect import cli
+
+    return cli(args, sys.stdout)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="KPI report by user or team: tokens by bucket, cost, flags with evidence",
+        description="Tokens by bucket (cache reads apart), exact cost and the usage-gaming "
+        "flags that count, by user or team, over a period; html is one offline page with charts.",
+    )
+    p.add_argument("--lake", required=True, metavar="PATH", help="the lake directory")
+    p.add_argument(
+        "--period",
+        required=True,
+        metavar="P",
+        help="YYYY-MM-DD, YYYY-MM, YYYY, YYYY-Www, A..B, today, yesterday, this-week, "
+        "last-week, this-month, last-month or last-N-days (UTC)",
+    )
+    p.add_argument("--by", choices=("user", "team"), default="user")
+    p.add_argument("--format", choices=("table", "csv", "json", "html"), default="table")
+    p.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
+    p.add_argument("--policy", metavar="FILE", help="policy TOML ([detect] min_days, automation clients)")
+    p.add_argument("--limit", type=int, metavar="N", help="table and html: rows shown (default: all)")
+    p.set_defaults(func=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from meter.report import cli
+
+    return cli(args, sys.stdout)
+
+
+def _add_scenario(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "scenario",
+        help="synthesise honest users and planted gamers, with ground truth, into a lake",
+        description="The evaluation harness of meter detect: a seeded population with realistic "
+        "confounders and planted gamer archetypes, written straight into a lake (one manifest "
+        "entry per day on topic 'scenario'), with its ground truth and review-deadline policy.",
+    )
+    p.add_argument("--lake", required=True, metavar="PATH", help="the lake directory (created)")
+    p.add_argument("--seed", type=int, default=1, metavar="S")
+    p.add_argument("--honest", type=int, default=2000, metavar="N", help="honest users (default 2000)")
+    p.add_argument("--gamers", type=int, default=20, metavar="N", help="gamers per archetype (default 20)")
+    p.add_argument("--teams", type=int, default=60, metavar="N")
+    p.add_argument("--days", type=int, default=28, metavar="N")
+    p.add_argument("--start", metavar="YYYY-MM-DD", help="first day (default 2026-01-05, a Monday)")
+    p.add_argument("--deadline-day", type=int, metavar="N", help="review deadline, days after --start")
+    p.add_argument("--volume", type=float, default=1.0, help="multiplies every user's request rate")
+    p.add_argument("--truth", metavar="FILE", help="ground truth JSON (default: LAKE/_meter/scenario/)")
+    p.add_argument(
+        "--policy-out", metavar="FILE", help="policy TOML with the deadline (default: beside the truth)"
+    )
+    p.set_defaults(func=_scenario)
+
+
+def _scenario(args: argparse.Namespace) -> int:
+    from meter.scenario import cli
+
+    return cli(args, sys.stdout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meter", description=__doc__)
     parser.add_argument("--version", action="version", version=f"meter {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_demo, _add_gen, _add_query, _add_validate, _add_prices):
+    for add in (
+        _add_run,
+        _add_demo,
+        _add_gen,
+        _add_query,
+        _add_compact,
+        _add_rollup,
+        _add_reprice,
+        _add_audit,
+        _add_validate,
+        _add_prices,
+        _add_keys,
+        _add_sign,
+        _add_detect,
+        _add_report,
+        _add_scenario,
+    ):
         add(sub)
     return parser
 

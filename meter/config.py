@@ -122,6 +122,27 @@ def _addr(value: Any) -> str:
     return text
 
 
+#: Event columns the usage metrics may be labelled by (`user` through metrics_user_label).
+METRIC_LABELS = ("org", "team", "model", "provider", "client")
+METRIC_LABELS_DEFAULT = ("org", "team", "model", "provider")
+
+
+def _metric_labels(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list | tuple) else [value]
+    names = tuple(dict.fromkeys(n.strip() for item in items for n in str(item).split(",") if n.strip()))
+    for name in names:
+        if name not in METRIC_LABELS:
+            raise ValueError(f"expected labels from {', '.join(METRIC_LABELS)}, got {name!r}")
+    return names
+
+
+def _series_budget(value: Any) -> int:
+    number = int(value)
+    if number < 6:
+        raise ValueError("must be at least 6 (the token buckets of one label set)")
+    return number
+
+
 def _choice(*options: str) -> Callable[[Any], str]:
     def parse_choice(value: Any) -> str:
         if value not in options:
@@ -182,6 +203,53 @@ SETTINGS: tuple[Setting, ...] = (
         "log_format", _choice("auto", "json", "text"), "auto", "log format; auto = JSON unless on a terminal"
     ),
     Setting("log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", "log level"),
+    Setting(
+        "signatures",
+        _choice("off", "verify", "require"),
+        "off",
+        "signed events: off, verify (unsigned pass, signed must verify) or require",
+    ),
+    Setting(
+        "keyring", _optional(_nonempty), None, "keyring TOML file of signature keys (reloaded on SIGHUP)"
+    ),
+    Setting(
+        "allow_create_time",
+        _bool,
+        False,
+        "check signatures against the arrival clock on topics without LogAppendTime",
+        "bool",
+    ),
+    Setting("signature_max_delay_s", _positive_float, 86_400.0, "oldest accepted signature, vs record time"),
+    Setting(
+        "metrics_labels",
+        _metric_labels,
+        METRIC_LABELS_DEFAULT,
+        f"labels of the usage metrics, from {', '.join(METRIC_LABELS)} (env/file: comma list or array)",
+        "list",
+    ),
+    Setting("metrics_user_label", _bool, False, "add a `user` label to the usage metrics", "bool"),
+    Setting("metrics_series_budget", _series_budget, 5000, "most series of one usage metric family"),
+    Setting("metrics_series_ttl_s", _positive_float, 86_400.0, "drop usage series idle for this long"),
+    Setting("ready_flush_age_s", _positive_float, 120.0, "/readyz fails when data waits this long unflushed"),
+    Setting(
+        "rollup_interval_s",
+        _optional(_positive_float),
+        None,
+        "run `meter rollup` on the lake this often, in the background (unset = never)",
+    ),
+    Setting(
+        "policy",
+        _optional(_nonempty),
+        None,
+        "integrity policy file: budgets (published as meter_budget_*), review deadlines, detector settings",
+    ),
+    Setting(
+        "detect_daily",
+        _bool,
+        False,
+        "run the usage-gaming detectors on the previous UTC day at 00:15 UTC (writes LAKE/flags/)",
+        "bool",
+    ),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -208,6 +276,18 @@ class Config:
     dlq_topic: str | None = None
     log_format: str = "auto"
     log_level: str = "INFO"
+    signatures: str = "off"
+    keyring: str | None = None
+    allow_create_time: bool = False
+    signature_max_delay_s: float = 86_400.0
+    metrics_labels: tuple[str, ...] = ("org", "team", "model", "provider")
+    metrics_user_label: bool = False
+    metrics_series_budget: int = 5000
+    metrics_series_ttl_s: float = 86_400.0
+    ready_flush_age_s: float = 120.0
+    rollup_interval_s: float | None = None
+    policy: str | None = None
+    detect_daily: bool = False
     kafka: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -219,6 +299,8 @@ class Config:
                 object.__setattr__(self, setting.name, setting.parse(value))
             except (TypeError, ValueError) as error:
                 raise ConfigError(f"{setting.name}: {error}") from None
+        if self.signatures != "off" and not self.keyring:
+            raise ConfigError(f"keyring: required when signatures is {self.signatures}")
         object.__setattr__(self, "kafka", _kafka_settings(self.kafka))
 
     @property
@@ -244,6 +326,17 @@ class Config:
         )
         if self.instance_id:
             settings["group.instance.id"] = self.instance_id
+        return settings
+
+    def producer_settings(self) -> dict[str, Any]:
+        """Settings for meter's own producers (the DLQ topic): the brokers and the
+        connection's security settings, none of the consumer's."""
+        settings = {
+            key: _reveal(value)
+            for key, value in self.kafka.items()
+            if key.startswith(("security.", "sasl.", "ssl.", "client."))
+        }
+        settings["bootstrap.servers"] = self.brokers
         return settings
 
     def redacted(self) -> dict[str, Any]:

@@ -73,7 +73,7 @@ class _Status:
             for sample in family.samples
             if sample.name.endswith("_total")
         )
-        cost = _sample("meter_cost_usd_total")
+        cost = float(metrics.DEFAULT.usage.totals()["cost_usd"])
         rate = accepted / max(time.monotonic() - self.start, 1e-9)
         lag = max(self.sent[0] - int(consumed), 0)
         return (
@@ -148,7 +148,7 @@ def run_demo(options: DemoOptions, out: IO[str] = sys.stdout) -> int:
         producer = threading.Thread(target=produce, name="meter-demo-gen", daemon=True)
         producer.start()
         pipeline = Pipeline(config)
-        server = metrics.serve(options.metrics_addr, pipeline.ready) if options.metrics_addr else None
+        server = metrics.serve(options.metrics_addr, pipeline.readiness) if options.metrics_addr else None
         status = _Status(out, sent)
         status_thread = threading.Thread(target=status.run, args=(done,), daemon=True)
         status_thread.start()

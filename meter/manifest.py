@@ -10,6 +10,15 @@ A partition's entries form a contiguous chain; its end is where consumption resu
 and what is committed to Kafka. Several daemons share one lake, so there is no
 single-writer database: entries are created with an exclusive link, which fences a
 writer that lost its partition but keeps flushing (see `append_entry`).
+
+Compaction (`meter.compact`) never edits an entry. It adds a record beside them that
+swaps a set of listed files for one merged file, atomically::
+
+    LAKE/_meter/manifest/topic=T/partition=P/compaction-{seq:020d}.json   (seq 1, 2, ...)
+
+What the lake lists (`listed_files`, `load_files`) is the entries' files with every
+record applied in ``seq`` order; a replaced file is *retired*: listed no more, deleted
+by compaction once a grace period has passed.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Context, Decimal, Inexact, localcontext
 from pathlib import Path
@@ -41,23 +50,34 @@ from meter.lake import (
 from meter.schema import TOKEN_COLUMNS
 
 __all__ = [
+    "CompactionConflict",
+    "CompactionRecord",
     "FileRecord",
     "ManifestConflict",
     "ManifestCorrupt",
     "ManifestEntry",
     "ManifestError",
+    "PartitionFiles",
     "PartitionState",
+    "Replacement",
     "Totals",
+    "append_compaction",
     "append_entry",
+    "apply_compactions",
+    "compaction_path",
     "entry_path",
     "event_totals",
     "format_cost",
     "list_partitions",
     "listed_files",
+    "listed_records",
+    "load_compactions",
+    "load_files",
     "load_partition",
     "origin_path",
     "partition_dir",
     "reject_counts",
+    "retired_files",
     "totals",
 ]
 
@@ -94,6 +114,19 @@ class ManifestConflict(ManifestError):
 
 class ManifestCorrupt(ManifestError):
     """The manifest contradicts itself (a gap or overlap, an unreadable entry)."""
+
+
+class CompactionConflict(ManifestError):
+    """Another compaction already wrote record ``seq``: this one built on a stale listing."""
+
+    def __init__(self, topic: str, partition: int, seq: int) -> None:
+        super().__init__(
+            f"{topic}[{partition}]: compaction record {seq} already exists: another compaction "
+            "ran meanwhile; reload the partition's files and plan again"
+        )
+        self.topic = topic
+        self.partition = partition
+        self.seq = seq
 
 
 # --- pure: paths ----------------------------------------------------------------------
@@ -484,19 +517,34 @@ def list_partitions(lake: LakePath) -> list[tuple[str, int]]:
     return sorted(out)
 
 
-def _all_entries(lake: LakePath) -> list[ManifestEntry]:
-    return [e for t, p in list_partitions(lake) for e in load_partition(lake, t, p).entries]
-
-
 def listed_files(lake: LakePath, kind: Kind) -> list[str]:
     """Paths (POSIX, relative to LAKE) of every ``kind`` file the manifest lists.
 
     What analyst views read, never a directory glob: a file no entry lists (an orphan,
-    a stray or forged one) is never counted.
+    a stray or forged one) is never counted. Compaction records are applied: a merged
+    file stands in for the files it replaced.
     """
-    if kind not in _KINDS:
+    return [f.path for f in listed_records(lake, kind)]
+
+
+def listed_records(lake: LakePath, kind: Kind | None = None) -> list[FileRecord]:
+    """The `FileRecord` (path, rows, bytes) of every listed file, or of every ``kind`` one."""
+    if kind is not None and kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-    return [f.path for e in _all_entries(lake) for f in e.files if f.kind == kind]
+    return [
+        f
+        for t, p in list_partitions(lake)
+        for f in load_files(lake, t, p).live
+        if kind is None or f.kind == kind
+    ]
+
+
+def retired_files(lake: LakePath) -> list[str]:
+    """Paths of files compaction replaced: listed no more, on disk until their grace ends.
+
+    A check for unlisted files in the lake (an audit) should expect these, not flag them.
+    """
+    return [f.path for t, p in list_partitions(lake) for f, _ in load_files(lake, t, p).retired]
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,8 +565,14 @@ class Totals:
 
 
 def totals(lake: LakePath) -> Totals:
-    """Sum the manifest: what the lake holds, without reading a data file."""
-    entries = _all_entries(lake)
+    """Sum the manifest: what the lake holds, without reading a data file.
+
+    Row, token and cost sums come from the entries (compaction moves rows between files,
+    never changes them); ``files`` and ``bytes`` count the listed files, after compaction.
+    """
+    loaded = [load_files(lake, t, p) for t, p in list_partitions(lake)]
+    entries = [e for pf in loaded for e in pf.state.entries]
+    live = [f for pf in loaded for f in pf.live]
     reasons: dict[str, int] = {}
     tokens = dict.fromkeys(TOKEN_COLUMNS, 0)
     cost = Decimal(0)
@@ -540,6 +594,282 @@ def totals(lake: LakePath) -> Totals:
         tokens=tokens,
         cost_usd=format_cost(cost),
         unpriced=sum(e.unpriced for e in entries),
-        files=sum(len(e.files) for e in entries),
-        bytes=sum(f.bytes for e in entries for f in e.files),
+        files=len(live),
+        bytes=sum(f.bytes for f in live),
     )
+
+
+# --- compaction records -------------------------------------------------------------------
+
+COMPACTION_VERSION: Final = 1
+_COMPACTION_RE = re.compile(r"compaction-(\d{20})\.json")
+
+
+def compaction_path(lake: LakePath, topic: str, partition: int, seq: int) -> Path:
+    """``.../partition=P/compaction-{seq:020d}.json``: the one name record ``seq`` can have."""
+    if seq < 1:
+        raise ValueError(f"compaction seq must be >= 1, got {seq}")
+    return partition_dir(lake, topic, partition) / f"compaction-{seq:020d}.json"
+
+
+def _file_json(f: FileRecord) -> dict[str, object]:
+    return {"path": f.path, "kind": f.kind, "rows": f.rows, "bytes": f.bytes}
+
+
+def _file_from_json(d: object) -> FileRecord:
+    d = _typed(d, dict, "file")
+    return FileRecord(
+        path=_typed(d["path"], str, "path"),
+        kind=_typed(d["kind"], str, "kind"),  # type: ignore[arg-type]
+        rows=_typed(d["rows"], int, "rows"),
+        bytes=_typed(d["bytes"], int, "bytes"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Replacement:
+    """One merge: the listed files ``replaces`` leave the listing, ``file`` takes their place.
+
+    All in one directory (one kind and time partition) and of one Kafka partition, with
+    disjoint offset ranges; ``file`` holds exactly their rows and is named for the offsets
+    from the first one's start to the last one's end, so a name still tells whose rows
+    a file holds. At least two files: merging one would only rename it.
+    """
+
+    replaces: tuple[FileRecord, ...]
+    file: FileRecord
+
+    def __post_init__(self) -> None:
+        replaces = tuple(self.replaces)
+        _typed(self.file, FileRecord, "file")
+        if len(replaces) < 2:
+            raise ValueError(f"{self.file.path}: a replacement merges at least two files")
+        out = parse_rel_path(self.file.path)
+        ranges = []
+        for f in replaces:
+            _typed(f, FileRecord, "replaces[]")
+            p = parse_rel_path(f.path)
+            if (p.kind, p.date, p.hour, p.topic, p.partition) != (
+                out.kind,
+                out.date,
+                out.hour,
+                out.topic,
+                out.partition,
+            ):
+                raise ValueError(f"{f.path} is not in the directory and partition of {self.file.path}")
+            ranges.append((p.start, p.end))
+        if len({f.path for f in replaces}) != len(replaces):
+            raise ValueError(f"{self.file.path}: a file is replaced twice")
+        ranges.sort()
+        for (_, end), (start, _) in itertools.pairwise(ranges):
+            if start < end:
+                raise ValueError(f"{self.file.path}: replaced files overlap at offset {start}")
+        if (out.start, out.end) != (ranges[0][0], ranges[-1][1]):
+            raise ValueError(
+                f"{self.file.path} must be named for offsets {ranges[0][0]}..{ranges[-1][1]}, "
+                "the range of the files it replaces"
+            )
+        rows = sum(f.rows for f in replaces)
+        if rows != self.file.rows:
+            raise ValueError(f"{self.file.path} holds {self.file.rows} rows, the files it replaces {rows}")
+        object.__setattr__(self, "replaces", replaces)
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionRecord:
+    """Compaction number ``seq`` of a partition's files: one or more `Replacement`.
+
+    Records apply in ``seq`` order (1, 2, ... without gaps) on top of the entries' files;
+    each one replaces only files listed at that point, so applying them is deterministic.
+    """
+
+    topic: str
+    partition: int
+    seq: int
+    groups: tuple[Replacement, ...]
+    writer: str
+    written_at_ms: int
+
+    def __post_init__(self) -> None:
+        check_topic(self.topic)
+        _count(self.partition, "partition")
+        _count(self.written_at_ms, "written_at_ms")
+        if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 1:
+            raise ValueError(f"compaction seq must be an int >= 1, got {self.seq!r}")
+        where = f"{self.topic}[{self.partition}] compaction {self.seq}"
+        groups = tuple(self.groups)
+        if not groups:
+            raise ValueError(f"{where}: no replacement")
+        paths: list[str] = []
+        for g in groups:
+            _typed(g, Replacement, "groups[]")
+            p = parse_rel_path(g.file.path)
+            if (p.topic, p.partition) != (self.topic, self.partition):
+                raise ValueError(f"{where}: {g.file.path} is another partition's file")
+            paths += [g.file.path, *(f.path for f in g.replaces)]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"{where}: a file appears in two replacements")
+        if not isinstance(self.writer, str):
+            raise ValueError(f"{where}: writer must be a string")
+        object.__setattr__(self, "groups", groups)
+
+    def to_json(self) -> bytes:
+        """Deterministic JSON, like `ManifestEntry.to_json`."""
+        return orjson.dumps(
+            {
+                "v": COMPACTION_VERSION,
+                "type": "compaction",
+                "topic": self.topic,
+                "partition": self.partition,
+                "seq": self.seq,
+                "groups": [
+                    {"replaces": [_file_json(f) for f in g.replaces], "file": _file_json(g.file)}
+                    for g in self.groups
+                ],
+                "writer": self.writer,
+                "written_at_ms": self.written_at_ms,
+            },
+            option=orjson.OPT_SORT_KEYS,
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> CompactionRecord:
+        """Parse and validate; raises ValueError on anything malformed."""
+        try:
+            d = _typed(orjson.loads(data), dict, "record")
+        except orjson.JSONDecodeError as e:
+            raise ValueError(f"invalid JSON: {e}") from e
+        try:
+            if d["v"] != COMPACTION_VERSION or d["type"] != "compaction":
+                raise ValueError(f"unknown compaction record format {d['v']!r}/{d['type']!r}")
+            groups = tuple(
+                Replacement(
+                    replaces=tuple(_file_from_json(f) for f in _typed(g["replaces"], list, "replaces")),
+                    file=_file_from_json(g["file"]),
+                )
+                for g in (_typed(g, dict, "group") for g in _typed(d["groups"], list, "groups"))
+            )
+            return cls(
+                topic=_typed(d["topic"], str, "topic"),
+                partition=_typed(d["partition"], int, "partition"),
+                seq=_typed(d["seq"], int, "seq"),
+                groups=groups,
+                writer=_typed(d["writer"], str, "writer"),
+                written_at_ms=_typed(d["written_at_ms"], int, "written_at_ms"),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed compaction record: {e!r}") from e
+
+
+def append_compaction(lake: LakePath, record: CompactionRecord) -> Path:
+    """Durably add ``record``, or raise `CompactionConflict` if its ``seq`` is taken.
+
+    The one atomic step of a compaction: before the link, readers list the old files;
+    after it, the merged ones (the merged files must be durable before this is called).
+    ``seq`` is one past the last record the caller read, so two compactions planned on
+    the same listing collide on one name and ``os.link`` lets only the first through.
+    Record ``seq - 1`` must exist, so the records never have a gap.
+    """
+    final = compaction_path(lake, record.topic, record.partition, record.seq)
+    if record.seq > 1 and not compaction_path(lake, record.topic, record.partition, record.seq - 1).exists():
+        raise ValueError(f"{final.name}: record {record.seq - 1} does not exist")
+    make_dirs(final.parent)
+    tmp = final.with_name(temp_name(final.name, new_token()))
+    try:
+        with open(tmp, "xb") as f:
+            f.write(record.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            raise CompactionConflict(record.topic, record.partition, record.seq) from None
+        fsync_dir(final.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def _compaction_seqs(d: Path) -> list[tuple[int, str]]:
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return []
+    return sorted((int(m.group(1)), n) for n in names if (m := _COMPACTION_RE.fullmatch(n)))
+
+
+def load_compactions(lake: LakePath, topic: str, partition: int) -> tuple[CompactionRecord, ...]:
+    """A partition's compaction records in ``seq`` order; `ManifestCorrupt` on a gap.
+
+    A directory listing taken while records are linked may show record ``n + 1`` but
+    not ``n`` (both created during the listing); a gap is only corruption if a second
+    listing shows it too.
+    """
+    where = f"{topic}[{partition}]"
+    d = partition_dir(lake, topic, partition)
+    seqs = _compaction_seqs(d)
+    if [s for s, _ in seqs] != list(range(1, len(seqs) + 1)):
+        seqs = _compaction_seqs(d)
+        missing = sorted(set(range(1, len(seqs) + 1)) - {s for s, _ in seqs})
+        if missing:
+            raise ManifestCorrupt(f"{where}: compaction record {missing[0]} is missing")
+    records = []
+    for seq, name in seqs:
+        try:
+            r = CompactionRecord.from_json((d / name).read_bytes())
+        except ValueError as e:
+            raise ManifestCorrupt(f"{where}: {name}: {e}") from e
+        if (r.topic, r.partition, r.seq) != (topic, partition, seq):
+            raise ManifestCorrupt(f"{where}: {name} holds {r.topic}[{r.partition}] compaction {r.seq}")
+        records.append(r)
+    return tuple(records)
+
+
+def apply_compactions(
+    entries: Sequence[ManifestEntry], records: Sequence[CompactionRecord]
+) -> tuple[tuple[FileRecord, ...], tuple[tuple[FileRecord, int], ...]]:
+    """(listed files, retired files with the ms their record was written) after ``records``.
+
+    Raises `ManifestCorrupt` when a record replaces a file that is not listed at that
+    point (or is listed with other rows or bytes), or names a merged file that is or
+    was listed already.
+    """
+    live: dict[str, FileRecord] = {f.path: f for e in entries for f in e.files}
+    retired: dict[str, tuple[FileRecord, int]] = {}
+    for r in records:
+        where = f"{r.topic}[{r.partition}] compaction {r.seq}"
+        for g in r.groups:
+            for f in g.replaces:
+                if live.get(f.path) != f:
+                    raise ManifestCorrupt(f"{where}: replaces {f.path}, which is not listed as {f}")
+            if g.file.path in live or g.file.path in retired:
+                raise ManifestCorrupt(f"{where}: {g.file.path} is or was listed already")
+            for f in g.replaces:
+                del live[f.path]
+                retired[f.path] = (f, r.written_at_ms)
+            live[g.file.path] = g.file
+    return tuple(live.values()), tuple(retired.values())
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionFiles:
+    """A partition's chain, its compaction records, and the files they list and retired."""
+
+    state: PartitionState
+    compactions: tuple[CompactionRecord, ...]
+    live: tuple[FileRecord, ...]
+    retired: tuple[tuple[FileRecord, int], ...]
+
+
+def load_files(lake: LakePath, topic: str, partition: int) -> PartitionFiles:
+    """Load a partition's compaction records, then its entries, and apply the records.
+
+    Records first: a record only replaces files of entries that existed before it was
+    linked, and entries are never removed, so the entries read afterwards hold every
+    file the records read replace. A record linked meanwhile is seen whole or not at
+    all: a reader lists the files before or after a compaction, never a mix.
+    """
+    records = load_compactions(lake, topic, partition)
+    state = load_partition(lake, topic, partition)
+    live, retired = apply_compactions(state.entries, records)
+    return PartitionFiles(state, records, live, retired)

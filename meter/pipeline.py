@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -29,7 +29,11 @@ from meter.config import Config
 from meter.dedup import Dedup
 from meter.manifest import load_partition
 from meter.pricing import Catalog, load_catalog
-from meter.stages import TP, Buffer, Chunk, Durable, Flush, LakeWriter, ParseAndPrice, Terminal
+from meter.signing import Verified, Verify
+from meter.stages import TP, Buffer, Chunk, DlqForwarder, Durable, Flush, LakeWriter, ParseAndPrice, Terminal
+
+if TYPE_CHECKING:
+    from meter.rollup import RollupScheduler
 
 log = logging.getLogger("meter.pipeline")
 
@@ -39,18 +43,29 @@ class Committer(Terminal[Durable]):
     a commit that fails during a broker fault is not retried by librdkafka, and a stale
     committed offset keeps lag alerts firing. Metrics move only here, after durability."""
 
-    def __init__(self, consumer: Consumer, interval_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        consumer: Consumer,
+        interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        dlq: DlqForwarder | None = None,
+    ):
         self.consumer = consumer
+        self.dlq = dlq
         self.interval_s = interval_s
         self.clock = clock
         self.durable: dict[TP, int] = {}
         self.committed: dict[TP, int] = {}
         self.last_commit = clock()
+        self.last_durable = time.monotonic()  # readiness: when a flush last became durable
 
     def submit(self, item: Durable) -> None:
         entry = item.entry
         self.durable[(entry.topic, entry.partition)] = entry.end
+        self.last_durable = time.monotonic()
         metrics.record_flush(item)
+        if self.dlq is not None:
+            self.dlq.forward(item)
         self.commit()
 
     def commit(self) -> None:
@@ -69,6 +84,7 @@ class Committer(Terminal[Durable]):
             if tp.error is None:
                 self.committed[(tp.topic, tp.partition)] = tp.offset
         metrics.COMMITS.labels("ok").inc()
+        metrics.LAST_COMMIT.set_to_current_time()
 
     def poll(self) -> None:
         if self.clock() - self.last_commit >= self.interval_s:
@@ -96,7 +112,8 @@ class Pipeline:
         self.consumer = consumer_factory(config.consumer_settings())
         self.positions: dict[TP, int | None] = {}
         self.paused = False
-        self.committer = Committer(self.consumer, config.commit_interval_s)
+        dlq = DlqForwarder(config.dlq_topic, config.producer_settings()) if config.dlq_topic else None
+        self.committer = Committer(self.consumer, config.commit_interval_s, dlq=dlq)
         self.writer = LakeWriter(self.committer, config.lake, self.writer_id, self._on_conflict)
         self.buffer = Buffer(
             self.writer,
@@ -111,11 +128,19 @@ class Pipeline:
             else None
         )
         self.parse = ParseAndPrice(
-            self.dedup or self.buffer, self.catalog, config.lateness_ms, config.reject_unknown_models
+            Verified(self.dedup or self.buffer),
+            self.catalog,
+            config.lateness_ms,
+            config.reject_unknown_models,
         )
+        self.verify = Verify.from_config(config, self.parse)  # signatures, before parsing (DESIGN 8)
         self.steps = tuple(
-            step for step in (self.parse, self.dedup, self.buffer, self.writer, self.committer) if step
+            step
+            for step in (self.verify, self.parse, self.dedup, self.buffer, self.writer, self.committer)
+            if step
         )
+        metrics.configure(config)
+        self.idle_at = time.monotonic()  # readiness: when nothing last waited to be flushed
 
     # ------------------------------------------------------------ partitions
 
@@ -197,13 +222,25 @@ class Pipeline:
             log.warning("seek after a manifest conflict failed", extra={"error": str(error)})
 
     def ready(self) -> bool:
-        """Partitions assigned and the lake writable (the observability issue adds flush age)."""
-        return bool(self.positions) and os.access(self.config.lake, os.W_OK)
+        """Partitions assigned, the lake writable, and no data waiting long for a flush."""
+        return not self.readiness()
+
+    def readiness(self) -> list[str]:
+        """Why /readyz fails (empty: ready); runs on the endpoint's thread."""
+        waiting = bool(self.buffer.pending) or bool(self.writer.in_flight)
+        since = max(self.committer.last_durable, self.idle_at)
+        return metrics.readiness(
+            assigned=len(self.positions),
+            lake=self.config.lake,
+            waiting_s=time.monotonic() - since if waiting else None,
+            max_wait_s=self.config.ready_flush_age_s,
+        )
 
     # ------------------------------------------------------------ the loop
 
     def _chunks(self, messages: list[Message]) -> list[Chunk]:
         now_ms = time.time_ns() // 1_000_000
+        signed = self.verify.verifier is not None
         chunks: dict[TP, Chunk] = {}
         for message in messages:
             error = message.error()
@@ -222,7 +259,8 @@ class Pipeline:
                 chunk = chunks[key] = Chunk(topic, partition, [], [], now_ms)
             chunk.payloads.append(message.value())
             chunk.offsets.append(offset)
-            chunk.headers.append(message.headers())
+            if signed:  # the Message itself: the signature check reads its headers in place
+                chunk.headers.append(message)
             chunk.timestamps.append(message.timestamp())
         return list(chunks.values())
 
@@ -260,6 +298,7 @@ class Pipeline:
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
+        rollups = self._start_rollups()
         try:
             while not stop.is_set():
                 messages = self.consumer.consume(
@@ -267,13 +306,28 @@ class Pipeline:
                 )
                 metrics.CONSUMED.inc(len(messages))
                 for chunk in self._chunks(messages):
-                    self.parse.submit(chunk)
+                    self.verify.submit(chunk)
                 for step in self.steps:
                     step.poll()
                 self._backpressure()
+                if not self.buffer.pending and not self.writer.in_flight:
+                    self.idle_at = time.monotonic()
+                metrics.update_lag(self.consumer, self.positions, self.committer.durable)
                 systemd.notifier().watchdog()
         finally:
+            if rollups is not None:
+                rollups.stop.set()  # a run in progress may be cut short: rollups are crash-safe
             self.shutdown()
+
+    def _start_rollups(self) -> RollupScheduler | None:
+        """`meter rollup` every ``rollup_interval_s`` on a background thread, if set."""
+        if self.config.rollup_interval_s is None:
+            return None
+        from meter.rollup import RollupScheduler
+
+        scheduler = RollupScheduler(self.config.lake, self.config.rollup_interval_s, threading.Event())
+        scheduler.start()
+        return scheduler
 
     def shutdown(self) -> None:
         """Flush everything, wait for the lake, commit, then leave the group."""
@@ -283,4 +337,6 @@ class Pipeline:
             self.committer.commit()
         finally:
             self.writer.close()
+            if self.committer.dlq is not None:
+                self.committer.dlq.close()
             self.consumer.close()

@@ -1,31 +1,49 @@
-"""`meter query`: read-only SQL over the lake (see DESIGN.md section 4).
+"""`meter query`: read-only SQL over the lake, in a sandbox (see DESIGN.md section 4).
 
-An in-memory DuckDB connection with two views:
+An in-memory DuckDB connection with these views:
 
 * ``events``: every column of `meter.schema.LAKE_EVENTS`, then ``date`` (DATE) and
   ``hour`` (INTEGER), the UTC event-time partition taken from the file's path
   (``events/date=YYYY-MM-DD/hour=HH/``). Filtering on them skips whole files unread.
 * ``dlq``: every column of `meter.schema.DLQ`, then ``date`` (DATE, the arrival date).
+* ``rollup_minute``, ``rollup_hour``, ``rollup_day``: `meter.rollup.ROLLUP` (bucket start
+  ``ts``, the six dimensions, the summed measures, ``price_versions``), then ``date``
+  and, but for the day grain, ``hour``.
+* ``prices``: the price catalog's entries (`prices_sql`), USD per million tokens.
 
-Each view reads exactly the files the manifest lists, given to ``read_parquet`` as an
-explicit list, never a directory glob: a stray, orphaned or forged file is never counted.
-A kind with no listed file gets a view with the same columns and no rows, so queries
-work on an empty lake. Timestamps are ``TIMESTAMP WITH TIME ZONE`` and the session's
-time zone is UTC, so ``ts::DATE`` and ``hour(ts)`` agree with the partitions.
+Each file view reads exactly the files the manifest (and the rollup records) list,
+given to ``read_parquet`` as an explicit list, never a directory glob: a stray,
+orphaned or forged file is never counted. The listing is read once, so every view
+shows the same instant of the lake. A view with no listed file has the same columns
+and no rows, so queries work on an empty lake. Timestamps are ``TIMESTAMP WITH TIME
+ZONE`` and the session's time zone is UTC, so ``ts::DATE`` and ``hour(ts)`` agree with
+the partitions.
 
-The connection is locked down before the views are created (`lockdown_sql`): DuckDB may
-open only the listed files (``allowed_paths`` plus ``enable_external_access = false``),
-installs and loads no extension, and no setting can be changed afterwards
-(``lock_configuration``). So analyst SQL cannot read other files (``read_csv``,
-``glob``, ``read_parquet`` of another path), write any (``COPY ... TO``, ``EXPORT``,
-``ATTACH`` of a file), reach the network, or undo the lockdown with ``SET``. Not covered
-(a later sandbox issue): CPU, memory and time limits; DuckDB's own spill files for
-larger-than-memory queries (``temp_directory``, by default ``.tmp`` in the working
-directory); in-memory objects (``CREATE TABLE``, ``ATTACH ':memory:'``) which touch no
-file; settings are readable (``current_setting``), including the listed paths.
+The sandbox, in layers (`docs/query-sandbox.md` lists what each one stops):
 
-Results render as an aligned table, CSV or a JSON array (`write_result`); decimals are
-printed exactly (never through a float), timestamps as RFC 3339 (``Z`` for instants).
+1. Only ``SELECT`` statements run (`check_sql`): no ``COPY``, ``EXPORT``, ``ATTACH``,
+   ``INSTALL``/``LOAD``, ``SET``/``PRAGMA``/``CALL``, ``CREATE``. This layer is needed,
+   not just prudent: DuckDB lets ``COPY ... TO '<a listed file>' (USE_TMP_FILE false)``
+   overwrite a lake file that ``allowed_paths`` admits, even with external access off.
+2. The connection is locked down before the views exist (`lockdown_sql`): DuckDB may
+   open only the listed files (``allowed_paths`` plus ``enable_external_access =
+   false``), installs and loads no extension, scans no Python object, spills nothing to
+   disk (no ``temp_directory``), runs under a ``memory_limit``, and accepts no setting
+   change afterwards (``lock_configuration``).
+3. Every listed file must be a regular file reached without a symbolic link below the
+   lake's root (`lake_file`), so a link planted in the lake cannot lead a view out.
+4. A timer interrupts the query at the time limit (DuckDB has no statement timeout).
+
+`open_lake` returns the locked connection for trusted code; analyst SQL goes through
+`query`, `run` or `export_parquet`, which add layers 1 and 4. Not covered: CPU beyond
+the time limit (set ``threads`` to bound it); memory Python holds for a result returned
+whole by `query` (`run` and `export_parquet` stream); settings are readable
+(``current_setting``), including the listed paths; in-memory objects (``CREATE``) are
+refused though they would touch no file.
+
+Results render as an aligned table, CSV or a JSON array (`write_result`), or go to a
+Parquet file (`export_parquet`); decimals are printed exactly (never through a float),
+timestamps as RFC 3339 (``Z`` for instants).
 """
 
 from __future__ import annotations
@@ -34,28 +52,49 @@ import csv
 import json
 import math
 import os
+import re
+import stat
+import threading
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Final, TextIO, TypeVar
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from meter.lake import KIND_DLQ, KIND_EVENTS, LakePath, abs_path
-from meter.manifest import listed_files
+from meter.lake import KIND_DLQ, KIND_EVENTS, LakePath, new_token
+from meter.manifest import listed_records
+from meter.pricing import PRICE_KEYS, Catalog, load_catalog
+from meter.rollup import rollup_views
 from meter.schema import DLQ, LAKE_EVENTS
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "DLQ_PARTITIONS",
     "EVENTS_PARTITIONS",
     "FORMATS",
+    "PRICES_COLUMNS",
+    "ROLLUP_PARTITIONS",
+    "Limits",
+    "QueryError",
+    "QueryOutOfMemory",
+    "QueryRefused",
+    "QueryTimeout",
     "allowed_paths",
+    "check_sql",
     "duckdb_type",
+    "export_parquet",
     "glob_escape",
+    "lake_file",
     "lockdown_sql",
     "open_lake",
+    "parse_size",
+    "prices_sql",
     "query",
     "run",
     "sql_identifier",
@@ -67,6 +106,11 @@ __all__ = [
 #: Hive partition columns each view adds after the file's own columns, with their types.
 EVENTS_PARTITIONS: Final[tuple[tuple[str, str], ...]] = (("date", "DATE"), ("hour", "INTEGER"))
 DLQ_PARTITIONS: Final[tuple[tuple[str, str], ...]] = (("date", "DATE"),)
+ROLLUP_PARTITIONS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
+    "minute": EVENTS_PARTITIONS,
+    "hour": EVENTS_PARTITIONS,
+    "day": DLQ_PARTITIONS,
+}
 FORMATS: Final = ("table", "csv", "json")
 DEFAULT_MAX_ROWS: Final = 1000
 _BATCH_ROWS: Final = 10_000
@@ -74,6 +118,74 @@ _GLOB_CHARS: Final = frozenset("*?[")
 _INT64_MAX: Final = 2**63 - 1
 _INT32_MAX: Final = 2**31 - 1
 _T = TypeVar("_T")
+
+
+class QueryError(ValueError):
+    """A query the sandbox refused or stopped; the message says why and what to change."""
+
+
+class QueryRefused(QueryError):
+    """Not run: a statement other than SELECT, a lake file that is not a plain file, an
+    output inside the lake."""
+
+
+class QueryTimeout(QueryError):
+    """Interrupted at the time limit."""
+
+
+class QueryOutOfMemory(QueryError):
+    """DuckDB needed more than the memory limit (and may not spill to disk)."""
+
+
+# --- pure: limits ---------------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_SIZE_UNITS: Final = {
+    "b": 1,
+    **{f"{u}b": 1000 ** (i + 1) for i, u in enumerate("kmgt")},
+    **{f"{u}ib": 1024 ** (i + 1) for i, u in enumerate("kmgt")},
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``512MB``, ``2GiB``, ``1.5GB`` or ``1048576`` (bytes)."""
+    m = _SIZE_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"not a size: {text!r} (examples: 512MB, 2GiB, 1073741824)")
+    n = int(Decimal(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()])
+    if n < 1:
+        raise ValueError(f"size must be at least 1 byte, got {text!r}")
+    return n
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one query may use. Validates itself.
+
+    * ``timeout_s``: wall-clock seconds before the query is interrupted (None: none).
+    * ``memory_limit``: bytes DuckDB may hold; with nothing spilled to disk, a query
+      that needs more fails (`QueryOutOfMemory`).
+    * ``threads``: DuckDB worker threads (None: one per core).
+    """
+
+    timeout_s: float | None = 120.0
+    memory_limit: int = 2 << 30
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout_s is not None and (
+            not isinstance(self.timeout_s, int | float) or not 0 < self.timeout_s < float("inf")
+        ):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout_s!r}")
+        if isinstance(self.memory_limit, bool) or not isinstance(self.memory_limit, int):
+            raise ValueError(f"memory_limit must be an int of bytes, got {self.memory_limit!r}")
+        if self.memory_limit < 1 << 20:
+            raise ValueError(f"memory_limit must be at least 1 MiB, got {self.memory_limit} bytes")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be >= 1, got {self.threads!r}")
+
+
+DEFAULT_LIMITS: Final = Limits()
 
 
 # --- pure: SQL text ---------------------------------------------------------------------
@@ -143,6 +255,8 @@ def duckdb_type(t: pa.DataType) -> str:
         return "TIMESTAMP WITH TIME ZONE" if t.tz is not None else "TIMESTAMP"
     if pa.types.is_decimal(t):
         return f"DECIMAL({t.precision}, {t.scale})"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"{duckdb_type(t.value_type)}[]"
     try:
         return _SCALAR_TYPES[t]
     except KeyError:
@@ -174,12 +288,14 @@ def view_sql(
     )
 
 
-def lockdown_sql(allowed: Sequence[str]) -> list[str]:
+def lockdown_sql(allowed: Sequence[str], limits: Limits = DEFAULT_LIMITS) -> list[str]:
     """The statements that lock a fresh connection down, in the order they must run.
 
     ``allowed_paths`` can only be set while external access is still on, and
     ``lock_configuration`` comes last: after it no ``SET``/``RESET``/``PRAGMA`` of a
-    setting is accepted, so analyst SQL cannot undo any of the others.
+    setting is accepted, so analyst SQL cannot undo any of the others. No temp
+    directory and a zero spill budget: a query past the memory limit fails instead of
+    writing spill files (by default into ``.tmp`` of the working directory).
     """
     return [
         "SET TimeZone = 'UTC'",
@@ -190,9 +306,83 @@ def lockdown_sql(allowed: Sequence[str]) -> list[str]:
         "SET allow_community_extensions = false",
         "SET allow_extension_repositories = 'forbidden'",
         "SET python_enable_replacements = false",
+        f"SET memory_limit = '{limits.memory_limit}B'",
+        "SET temp_directory = ''",
+        "SET max_temp_directory_size = '0B'",
+        *([f"SET threads = {limits.threads}"] if limits.threads is not None else []),
         "SET enable_external_access = false",
         "SET lock_configuration = true",
     ]
+
+
+def check_sql(sql: str) -> None:
+    """Refuse ``sql`` unless every statement in it is a SELECT (sandbox layer 1).
+
+    SELECT covers ``WITH``, ``VALUES``, ``FROM``-first queries, ``DESCRIBE``, ``SHOW``,
+    ``SUMMARIZE`` and ``UNPIVOT``. A ``PIVOT`` without an ``IN`` list is refused (DuckDB
+    runs it as several statements, one a ``CREATE TYPE``): list the values. Raises
+    `QueryRefused`, ValueError when there is no statement, ``duckdb.ParserException``
+    on a syntax error.
+    """
+    statements = duckdb.extract_statements(sql)
+    if not statements:
+        raise ValueError("no SQL statement to run")
+    for st in statements:
+        if st.type != duckdb.StatementType.SELECT:
+            text = " ".join(st.query.split())
+            if len(text) > 60:
+                text = text[:57] + "..."
+            hint = " (a PIVOT needs an IN list of its values)" if st.type.name == "MULTI" else ""
+            raise QueryRefused(
+                "only SELECT statements run here (the lake is read-only); "
+                f"refused {st.type.name}: {text}{hint}"
+            )
+
+
+#: The ``prices`` view's columns: one row per catalog entry, prices in USD per million tokens.
+PRICES_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
+    ("id", "VARCHAR"),
+    ("provider", "VARCHAR"),
+    ("version", "VARCHAR"),
+    ("aliases", "VARCHAR[]"),
+    ("effective_from", "TIMESTAMP WITH TIME ZONE"),
+    ("effective_to", "TIMESTAMP WITH TIME ZONE"),
+    *((key, "DECIMAL(18, 6)") for key in PRICE_KEYS),
+)
+
+
+def prices_sql(catalog: Catalog) -> str:
+    """``CREATE VIEW prices`` over the catalog's entries, as literal rows (no file).
+
+    ``version`` is what the lake stores beside each cost (``price_version``), so
+    ``events JOIN prices ON price_version = version`` finds the prices an event was
+    billed at. ``effective_to`` is NULL for an entry still in force.
+    """
+    names = ", ".join(sql_identifier(c) for c, _ in PRICES_COLUMNS)
+    if not catalog.entries:
+        select = ", ".join(f"CAST(NULL AS {t}) AS {sql_identifier(c)}" for c, t in PRICES_COLUMNS)
+        return f"CREATE VIEW prices AS SELECT {select} WHERE false"
+
+    def instant(ms: int | None) -> str:
+        return "NULL" if ms is None else f"make_timestamptz({ms * 1000})"
+
+    rows = []
+    for e in catalog.entries:
+        values = [
+            sql_string(e.id),
+            sql_string(e.provider),
+            sql_string(e.version),
+            "[" + ", ".join(sql_string(a) for a in e.aliases) + "]",
+            instant(e.effective_from_ms),
+            instant(e.effective_to_ms),
+            *(sql_string(format(Decimal(p).scaleb(-6), "f")) for p in e.prices),
+        ]
+        rows.append(
+            "("
+            + ", ".join(f"CAST({v} AS {t})" for v, (_, t) in zip(values, PRICES_COLUMNS, strict=True))
+            + ")"
+        )
+    return f"CREATE VIEW prices AS SELECT * FROM (VALUES {', '.join(rows)}) AS p({names})"
 
 
 # --- I/O: the connection ---------------------------------------------------------------
@@ -209,26 +399,139 @@ def _lake_root(lake: LakePath) -> Path:
     return root
 
 
-def open_lake(lake: LakePath) -> duckdb.DuckDBPyConnection:
-    """A locked-down in-memory connection with views ``events`` and ``dlq``.
+_DATA_DIRS: Final = frozenset({KIND_EVENTS, KIND_DLQ, "rollups"})
 
-    Reads the manifest once: files flushed later are not seen by this connection.
-    Raises FileNotFoundError if ``lake`` is not a directory, and the manifest's
-    errors (`meter.manifest.ManifestCorrupt`) if it contradicts itself.
+
+def lake_file(root: Path, rel: str, checked: set[Path] | None = None) -> str:
+    """The absolute path of the listed file ``rel``, once it is safe to let DuckDB read.
+
+    Sandbox layer 3: ``rel`` must be a plain relative path into a data directory, and
+    every directory below ``root`` on the way and the file itself must be real (no
+    symbolic link, which DuckDB would follow out of the lake; no device or FIFO).
+    ``checked`` caches directories already checked. Raises `QueryRefused`.
+    """
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or pure.as_posix() != rel or ".." in pure.parts or pure.parts[0] not in _DATA_DIRS:
+        raise QueryRefused(f"refusing to query: the manifest lists {rel!r}, not a path in the lake")
+    checked = set() if checked is None else checked
+    d = root
+    for part in pure.parts[:-1]:
+        d = d / part
+        if d in checked:
+            continue
+        try:
+            mode = os.lstat(d).st_mode
+        except FileNotFoundError:
+            raise QueryRefused(f"refusing to query: listed file {rel} is missing (run meter audit)") from None
+        if not stat.S_ISDIR(mode):
+            what = "a symbolic link" if stat.S_ISLNK(mode) else "not a directory"
+            raise QueryRefused(
+                f"refusing to query: {d.relative_to(root).as_posix()} in the lake is {what} (run meter audit)"
+            )
+        checked.add(d)
+    path = d / pure.parts[-1]
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise QueryRefused(f"refusing to query: listed file {rel} is missing (run meter audit)") from None
+    if not stat.S_ISREG(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise QueryRefused(f"refusing to query: listed file {rel} is {what} (run meter audit)")
+    return os.fspath(path)
+
+
+def open_lake(
+    lake: LakePath, *, limits: Limits = DEFAULT_LIMITS, catalog: Catalog | None = None
+) -> duckdb.DuckDBPyConnection:
+    """A locked-down in-memory connection with the views of the module doc.
+
+    For trusted code: analyst SQL must go through `query`, `run` or `export_parquet`
+    (the lockdown alone lets a ``COPY`` overwrite a listed file). Reads the manifest
+    once: files flushed later are not seen by this connection. ``catalog`` feeds the
+    ``prices`` view (default: the packaged catalog). Raises FileNotFoundError if
+    ``lake`` is not a directory, `QueryRefused` for a listed file that is not a plain
+    file in the lake, and the manifest's errors (`meter.manifest.ManifestCorrupt`).
     """
     root = _lake_root(lake)
-    events = [os.fspath(abs_path(root, rel)) for rel in listed_files(root, KIND_EVENTS)]
-    dlq = [os.fspath(abs_path(root, rel)) for rel in listed_files(root, KIND_DLQ)]
+    checked: set[Path] = set()
+    listed = listed_records(root)  # one read: events and DLQ of the same instant
+    events = [lake_file(root, f.path, checked) for f in listed if f.kind == KIND_EVENTS]
+    dlq = [lake_file(root, f.path, checked) for f in listed if f.kind == KIND_DLQ]
+    rollups = [
+        (v.name, v.schema, v.partitions, [lake_file(root, p, checked) for p in v.files])
+        for v in rollup_views(root)
+    ]
+    prices = prices_sql(load_catalog() if catalog is None else catalog)
+    allowed = allowed_paths([*events, *dlq, *(p for *_, paths in rollups for p in paths)])
     con = duckdb.connect(":memory:")
     try:
-        for statement in lockdown_sql(allowed_paths([*events, *dlq])):
+        for statement in lockdown_sql(allowed, limits):
             con.execute(statement)
         con.execute(view_sql("events", LAKE_EVENTS, EVENTS_PARTITIONS, events))
         con.execute(view_sql("dlq", DLQ, DLQ_PARTITIONS, dlq))
+        for name, schema, partitions, paths in rollups:
+            con.execute(view_sql(name, schema, partitions, paths))
+        con.execute(prices)
     except BaseException:
         con.close()
         raise
     return con
+
+
+def _format_size(n: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        scale = {"GiB": 1 << 30, "MiB": 1 << 20, "KiB": 1 << 10}[unit]
+        if n >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n} bytes"
+
+
+@contextmanager
+def _limited(con: duckdb.DuckDBPyConnection, limits: Limits) -> Iterator[None]:
+    """Sandbox layer 4 (the time limit), and limit errors in the sandbox's words."""
+    fired = threading.Event()
+    timer: threading.Timer | None = None
+    if limits.timeout_s is not None:
+
+        def stop() -> None:
+            fired.set()
+            with suppress(duckdb.Error):  # closed meanwhile: the query is over anyway
+                con.interrupt()
+
+        timer = threading.Timer(limits.timeout_s, stop)
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    except (duckdb.InterruptException, duckdb.OutOfMemoryException, OSError) as error:
+        # A streamed result (an Arrow reader) reports DuckDB's errors as OSError.
+        text = str(error)
+        if fired.is_set() and (isinstance(error, duckdb.InterruptException) or "INTERRUPT" in text):
+            raise QueryTimeout(
+                f"query stopped at the time limit of {limits.timeout_s:g} s (raise it with --timeout)"
+            ) from None
+        if isinstance(error, duckdb.OutOfMemoryException) or text.startswith("Out of Memory Error"):
+            raise QueryOutOfMemory(
+                f"query needs more memory than its limit of {_format_size(limits.memory_limit)} and may "
+                f"not spill to disk (raise it with --memory-limit): {text.splitlines()[0]}"
+            ) from None
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+@contextmanager
+def _sandbox(
+    lake: LakePath, sql: str, limits: Limits, catalog: Catalog | None
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    check_sql(sql)
+    con = open_lake(lake, limits=limits, catalog=catalog)
+    try:
+        with _limited(con, limits):
+            yield con
+    finally:
+        con.close()
 
 
 def _relation(
@@ -240,17 +543,22 @@ def _relation(
     return rel
 
 
-def query(lake: LakePath, sql: str, params: Mapping[str, object] | None = None) -> pa.Table:
-    """Run ``sql`` on `open_lake` and return the whole result.
+def query(
+    lake: LakePath,
+    sql: str,
+    params: Mapping[str, object] | None = None,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    catalog: Catalog | None = None,
+) -> pa.Table:
+    """Run analyst ``sql`` in the sandbox and return the whole result as an Arrow table.
 
     ``params`` are bound as prepared parameters (``$name`` in ``sql``). Raises
-    ``duckdb.Error`` for SQL errors and ValueError when ``sql`` holds no statement.
+    `QueryRefused`, `QueryTimeout`, `QueryOutOfMemory` (all `QueryError`, a ValueError),
+    ``duckdb.Error`` for SQL errors, ValueError when ``sql`` holds no statement.
     """
-    con = open_lake(lake)
-    try:
+    with _sandbox(lake, sql, limits, catalog) as con:
         return _relation(con, sql, params).to_arrow_table()
-    finally:
-        con.close()
 
 
 def run(
@@ -261,14 +569,64 @@ def run(
     fmt: str = "table",
     params: Mapping[str, object] | None = None,
     max_rows: int | None = DEFAULT_MAX_ROWS,
+    limits: Limits = DEFAULT_LIMITS,
+    catalog: Catalog | None = None,
 ) -> int:
-    """Run ``sql`` on `open_lake` and stream the result to ``out``; return rows written."""
-    con = open_lake(lake)
-    try:
+    """Run analyst ``sql`` in the sandbox and stream the result to ``out`` in ``fmt``
+    (`write_result`); return the rows written. The time limit covers the writing."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    with _sandbox(lake, sql, limits, catalog) as con:
         reader = _relation(con, sql, params).to_arrow_reader(_BATCH_ROWS)
         return write_result(reader, out, fmt, max_rows=max_rows)
+
+
+@contextmanager
+def output_file(lake: LakePath, path: LakePath) -> Iterator[Path]:
+    """A temporary path to write a result to, renamed to ``path`` once written whole.
+
+    Refuses (`QueryRefused`) a ``path`` inside the lake: a query leaves the lake as it
+    found it. The temporary file is removed on any error.
+    """
+    real_root = os.path.realpath(_lake_root(lake))
+    target = Path(os.path.abspath(path))
+    real_target = os.path.realpath(target)
+    if real_target == real_root or real_target.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise QueryRefused(f"refusing to write {os.fspath(path)}: it is inside the lake")
+    tmp = target.with_name(f".{target.name}.{new_token()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
     finally:
-        con.close()
+        tmp.unlink(missing_ok=True)
+
+
+def export_parquet(
+    lake: LakePath,
+    sql: str,
+    path: LakePath,
+    *,
+    params: Mapping[str, object] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    catalog: Catalog | None = None,
+) -> int:
+    """Run analyst ``sql`` in the sandbox and write the result to the Parquet file ``path``
+    (outside the lake; zstd), streamed batch by batch; return the rows written.
+
+    Python writes the file, not DuckDB, which may write nothing. ``path`` appears only
+    once complete.
+    """
+    with _sandbox(lake, sql, limits, catalog) as con, output_file(lake, path) as tmp:
+        reader = _relation(con, sql, params).to_arrow_reader(_BATCH_ROWS)
+        rows = 0
+        try:
+            with pq.ParquetWriter(tmp, reader.schema, compression="zstd") as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid) as error:
+            raise QueryError(f"the result cannot be written as Parquet: {error}") from None
+        return rows
 
 
 # --- pure: values as text ----------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from meter import crashpoint, metrics
 from meter import reasons as R
 from meter.lake import (
     data_file_name,
@@ -84,7 +85,8 @@ class Chunk:
     payloads: list[bytes | None]
     offsets: list[int]
     arrival_ms: int
-    headers: list[Any] = field(default_factory=list)  # message.headers(): [(key, value)] or None
+    # message.headers() ([(key, value)] or None), or the consumed Message itself (read in place)
+    headers: list[Any] = field(default_factory=list)
     timestamps: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -370,10 +372,12 @@ def write_flush(lake: str, flush: Flush, writer: str) -> ManifestEntry:
     ]
     plan += [("dlq", dlq_rel_path(date, name), table) for date, table in split_dlq_by_date(flush.dlq)]
     write_intent(lake, flush.topic, flush.partition, flush.start, flush.end, [rel for _, rel, _ in plan])
+    crashpoint.at("after_intent", name)
     files = []
     for kind, rel, table in plan:
         size = write_parquet_atomic(table, f"{lake}/{rel}")
         files.append(FileRecord(path=rel, kind=kind, rows=table.num_rows, bytes=size))  # type: ignore[arg-type]
+        crashpoint.at("after_file", rel)
     tokens, cost, unpriced = event_totals(flush.events)
     entry = ManifestEntry(
         topic=flush.topic,
@@ -392,6 +396,7 @@ def write_flush(lake: str, flush: Flush, writer: str) -> ManifestEntry:
         written_at_ms=time.time_ns() // 1_000_000,
     )
     append_entry(lake, entry, after=flush.after)
+    crashpoint.at("after_manifest", name)
     return entry
 
 
@@ -419,11 +424,17 @@ class LakeWriter(Terminal[Flush]):
         key = (flush.topic, flush.partition)
         if flush.epoch <= self.fenced.get(key, -1):
             raise ManifestConflict(flush.topic, flush.partition, flush.start, "a fenced earlier entry")
+        started = time.monotonic()
         try:
-            return write_flush(self.lake, flush, self.writer_id)
+            entry = write_flush(self.lake, flush, self.writer_id)
         except ManifestConflict:
             self.fenced[key] = flush.epoch
             raise
+        except Exception:
+            metrics.MANIFEST_WRITES.labels("failed").inc()
+            raise
+        metrics.FLUSH_SECONDS.observe(time.monotonic() - started)
+        return entry
 
     def _forward_done(self, block: bool) -> None:
         while self.in_flight and (block or self.in_flight[0][1].done()):
@@ -431,6 +442,7 @@ class LakeWriter(Terminal[Flush]):
             try:
                 entry = future.result()
             except ManifestConflict:
+                metrics.MANIFEST_WRITES.labels("conflict").inc()
                 log.warning(
                     "manifest conflict: another writer owns the range; dropping this flush",
                     extra={"topic": flush.topic, "partition": flush.partition, "start": flush.start},
@@ -447,3 +459,40 @@ class LakeWriter(Terminal[Flush]):
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+
+
+class DlqForwarder:
+    """Also produces each durable dead-letter row to a Kafka topic (after the lake has it,
+    so the topic never holds a reject the lake lacks). Value: the raw bytes, cut to fit a
+    default broker's 1 MB message limit (the lake keeps them whole); headers say where the
+    row came from and why."""
+
+    #: Longest value produced; a longer raw row is cut and marked `meter-truncated`.
+    MAX_VALUE = 900_000
+
+    def __init__(self, topic: str, settings: dict[str, Any]):
+        from confluent_kafka import Producer
+
+        self.topic = topic
+        self.producer = Producer({**settings, "acks": "all", "enable.idempotence": True, "linger.ms": 50})
+
+    def forward(self, durable: Durable) -> None:
+        for row in durable.dlq.to_pylist():
+            raw = row["raw"]
+            source = f"{row['kafka_topic']}/{row['kafka_partition']}/{row['kafka_offset']}"
+            headers = [
+                ("meter-reason", row["reason"].encode()),
+                ("meter-detail", row["detail"].encode()),
+                ("meter-source", source.encode()),
+                ("meter-line", str(row["line"]).encode()),
+            ]
+            if len(raw) > self.MAX_VALUE:
+                headers.append(("meter-truncated", str(len(raw)).encode()))
+                raw = raw[: self.MAX_VALUE]
+            self.producer.produce(self.topic, value=raw, headers=headers)
+            self.producer.poll(0)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        left = self.producer.flush(timeout_s)
+        if left:
+            log.error("dead-letter rows not delivered to Kafka", extra={"topic": self.topic, "left": left})

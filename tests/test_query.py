@@ -180,8 +180,11 @@ def test_duckdb_types() -> None:
     assert duckdb_type(pa.binary()) == "BLOB"
     assert duckdb_type(pa.int32()) == "INTEGER"
     assert duckdb_type(pa.int64()) == "BIGINT"
+    assert duckdb_type(pa.list_(pa.string())) == "VARCHAR[]"  # rollups' price_versions
     with pytest.raises(TypeError):
-        duckdb_type(pa.list_(pa.int8()))
+        duckdb_type(pa.list_(pa.float16()))
+    with pytest.raises(TypeError):
+        duckdb_type(pa.map_(pa.string(), pa.string()))
 
 
 def test_view_sql_over_files() -> None:
