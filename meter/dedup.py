@@ -51,8 +51,14 @@ class _Window:
     def nbytes(self) -> int:
         return sum(ids.nbytes for _, ids in self.generations)
 
-    def newest(self, now: float, step_s: float) -> IdSet:
-        if not self.generations or now - self.generations[-1][0] >= step_s:
+    def newest(self, now: float, step_s: float, max_ids: int) -> IdSet:
+        """The generation to add to: a new one every `step_s`, or once the newest is full, so
+        the id cap can always release memory by dropping whole generations."""
+        if (
+            not self.generations
+            or now - self.generations[-1][0] >= step_s
+            or len(self.generations[-1][1]) >= max_ids
+        ):
             self.generations.append((now, IdSet()))
         return self.generations[-1][1]
 
@@ -78,6 +84,7 @@ class Dedup(Terminal[Rows]):
         self.window_s = window_s
         self.step_s = window_s / GENERATIONS
         self.max_ids = max_ids
+        self.generation_ids = max(1, max_ids // GENERATIONS)
         self.clock = clock
         self.windows: dict[TP, _Window] = {}
         self.effective_window_s = window_s
@@ -98,7 +105,7 @@ class Dedup(Terminal[Rows]):
         ids = rows.events.column("event_id").combine_chunks()
         if len(ids):
             marks = bytearray(len(ids))
-            newest = window.newest(self.clock(), self.step_s)
+            newest = window.newest(self.clock(), self.step_s, self.generation_ids)
             for _, older in window.generations[:-1]:
                 older.mark(ids, marks)
             newest.add(ids, marks)
@@ -139,7 +146,7 @@ class Dedup(Terminal[Rows]):
         """Rebuild a partition's ids from the lake: the events of entries written within the window."""
         since_ms = (self.clock() - self.window_s) * 1000
         window = _Window()
-        ids = window.newest(self.clock(), self.step_s)
+        ids = window.newest(self.clock(), self.step_s, self.generation_ids)
         for entry in load_partition(self.lake, *tp).entries:
             if entry.written_at_ms < since_ms:
                 continue

@@ -112,6 +112,7 @@ class Pipeline:
         self.consumer = consumer_factory(config.consumer_settings())
         self.positions: dict[TP, int | None] = {}
         self.paused = False
+        self.held: set[TP] = set()  # partitions held by the offset alarm: backpressure never resumes them
         dlq = DlqForwarder(config.dlq_topic, config.producer_settings()) if config.dlq_topic else None
         self.committer = Committer(self.consumer, config.commit_interval_s, dlq=dlq)
         self.writer = LakeWriter(self.committer, config.lake, self.writer_id, self._on_conflict)
@@ -163,6 +164,9 @@ class Pipeline:
                 # fault before a stop): the timer commits the manifest's position again.
                 self.committer.durable[key] = position
         consumer.assign(partitions)
+        # librdkafka keeps an application pause across unassign/assign: match the current state
+        self.held.difference_update((tp.topic, tp.partition) for tp in partitions)
+        (consumer.pause if self.paused else consumer.resume)(partitions)
         metrics.ASSIGNED.set(len(self.positions))
         metrics.REBALANCES.labels("assign").inc()
         systemd.notifier().ready("consuming")  # the group is joined and partitions resumed
@@ -276,17 +280,22 @@ class Pipeline:
             )
             topic, partition = message.topic(), message.partition()
             if topic is not None and partition is not None:
+                self.held.add((topic, partition))
                 self.consumer.pause([TopicPartition(topic, partition)])
             return
         log.warning("consumer error", extra={"error": str(error)})
 
     def _backpressure(self) -> None:
         """Pause all partitions while the writer lags, instead of buffering without bound."""
+        in_flight_rows = sum(f.events.num_rows + f.dlq.num_rows for f, _ in self.writer.in_flight)
         over = (
-            len(self.writer.in_flight) >= 2 or self.buffer.buffered_bytes >= 2 * self.config.batch_max_bytes
+            in_flight_rows >= 2 * self.config.batch_max_events
+            or self.buffer.buffered_bytes >= 2 * self.config.batch_max_bytes
         )
         if over != self.paused:
-            assignment = self.consumer.assignment()
+            assignment = [
+                tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) not in self.held
+            ]
             (self.consumer.pause if over else self.consumer.resume)(assignment)
             self.paused = over
             metrics.PAUSED.set(int(over))

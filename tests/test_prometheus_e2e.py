@@ -245,7 +245,14 @@ def test_prometheus_scrapes_the_daemon_and_every_dashboard_and_rule_query_return
         s.check_alive,
     )
     rules = s.api("rules")["groups"]
-    records = {r["name"]: r for g in rules for r in g["rules"] if r["type"] == "recording"}
+    # budgets.rules.yml works on the budget series a daemon publishes from its policy file;
+    # this daemon runs without one, and the budget rules have their own promtool tests.
+    records = {
+        r["name"]: r
+        for g in rules
+        for r in g["rules"]
+        if r["type"] == "recording" and not r["name"].startswith("budget:")
+    }
     alerts = {r["name"]: r for g in rules for r in g["rules"] if r["type"] == "alerting"}
     assert len(records) >= 8 and len(alerts) >= 8
     for name in records:

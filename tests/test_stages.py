@@ -721,6 +721,12 @@ class FakeGroupConsumer(FakeConsumer):
     def seek(self, tp: Any) -> None:
         self.seeks.append((tp.topic, tp.partition, tp.offset))
 
+    def pause(self, partitions: list[Any]) -> None:
+        self.paused = [(tp.topic, tp.partition) for tp in partitions]
+
+    def resume(self, partitions: list[Any]) -> None:
+        self.resumed = [(tp.topic, tp.partition) for tp in partitions]
+
     def close(self) -> None:
         return None
 
