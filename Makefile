@@ -31,7 +31,7 @@ install: $(STAMP)
 build: $(STAMP)
 	$(BIN)/python setup.py --quiet build_ext --inplace
 
-test: install system-deps validate-deploy
+test: install system-deps lint validate-deploy
 	$(BIN)/python -m pytest -q -m "not deploy"
 	$(MAKE) --no-print-directory test-asan
 
