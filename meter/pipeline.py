@@ -13,6 +13,7 @@ are flushed before they are released; a stop flushes, commits and closes.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -301,6 +302,12 @@ class Pipeline:
             metrics.PAUSED.set(int(over))
 
     def run(self, stop: threading.Event) -> None:
+        # The loop allocates short-lived objects per message (consume(), value()); with the
+        # default thresholds the cyclic GC runs every few hundred of them and rescans every
+        # long-lived object (modules, catalog, ids). Freeze what start-up made, collect rarely.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(100_000, 50, 100)
         self.consumer.subscribe(
             list(self.config.topic),
             on_assign=self._on_assign,
