@@ -93,6 +93,14 @@ class _Status:
             self.out.write("\n")
 
 
+def _meter_command() -> str:
+    """How the user can run meter again: `meter` on PATH, else the script this run used."""
+    script = sys.argv[0] if sys.argv else ""
+    if os.path.basename(script) == "meter" and shutil.which("meter") != os.path.abspath(script):
+        return os.path.relpath(script)
+    return "meter"
+
+
 def run_demo(options: DemoOptions, out: IO[str] = sys.stdout) -> int:
     lake = Path(options.lake).resolve()
     _fresh_lake(lake)
@@ -175,8 +183,8 @@ def run_demo(options: DemoOptions, out: IO[str] = sys.stdout) -> int:
     lake_arg = os.path.relpath(lake) if not os.path.relpath(lake).startswith("..") else str(lake)
     print("\nTry:", file=out)
     print(
-        f'  meter query --lake {lake_arg} "SELECT model, count(*) AS events, sum(cost_usd) AS cost_usd '
-        f'FROM events GROUP BY model ORDER BY cost_usd DESC"',
+        f'  {_meter_command()} query --lake {lake_arg} "SELECT model, count(*) AS events, '
+        f'sum(cost_usd) AS cost_usd FROM events GROUP BY model ORDER BY cost_usd DESC"',
         file=out,
     )
     return 0
