@@ -48,6 +48,7 @@ from meter.lake import (
     temp_name,
 )
 from meter.schema import TOKEN_COLUMNS
+from meter.totals import Totals as RowTotals
 
 __all__ = [
     "CompactionConflict",
@@ -350,13 +351,13 @@ class ManifestEntry:
 
 def event_totals(events: pa.Table) -> tuple[dict[str, int], str, int]:
     """(tokens per bucket, exact cost string, unpriced rows) of accepted event rows."""
-    tokens = {k: int(pc.sum(events.column(k)).as_py() or 0) for k in TOKEN_COLUMNS}
-    cost_col = events.column("cost_usd")
-    if not pa.types.is_decimal(cost_col.type):
-        raise TypeError(f"cost_usd must be a decimal column, got {cost_col.type}")
-    total = pc.sum(cost_col).as_py()
-    cost = format_cost(total if total is not None else Decimal(0))
-    return tokens, cost, cost_col.null_count
+    cost_type = events.schema.field("cost_usd").type
+    if not pa.types.is_decimal(cost_type):
+        raise TypeError(f"cost_usd must be a decimal column, got {cost_type}")
+    sums = RowTotals()  # the one way meter sums priced rows (decimal256: no overflow at 38 digits)
+    sums.add_batch(events)
+    cost = sums.cost_usd if sums.events > sums.unpriced else Decimal(0)  # no priced row: no cost
+    return dict(sums.tokens), format_cost(cost), sums.unpriced
 
 
 def reject_counts(dlq: pa.Table) -> dict[str, int]:
