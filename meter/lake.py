@@ -14,6 +14,9 @@ Layout, all relative to LAKE::
 
 ``start`` is the first offset a flush covers (inclusive), ``end`` the offset after its
 last message (exclusive): the offset committed to Kafka and the next flush's ``start``.
+A file restated after a price correction (`meter.reprice`) holds the same offsets, so
+its new version is named ``...{start}-{end}.v{n}.parquet`` (n >= 2; version 1, what a
+flush or a compaction writes, has no suffix).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = [
     "check_topic",
     "clear_orphans",
     "data_file_name",
+    "data_file_version",
     "dlq_dir",
     "dlq_rel_dir",
     "dlq_rel_path",
@@ -57,6 +61,7 @@ __all__ = [
     "is_temp_for",
     "make_dirs",
     "new_token",
+    "next_version_path",
     "parse_data_file_name",
     "parse_rel_path",
     "read_intent",
@@ -82,6 +87,7 @@ _TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")  # Kafka's own rule for topic n
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9-]+")
 _OFFSETS_RE = re.compile(rf"(\d{{{OFFSET_DIGITS}}})-(\d{{{OFFSET_DIGITS}}})")
+_VERSION_RE = re.compile(r"v([1-9]\d{0,8})")  # canonical digits; v1 is written without a suffix
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _T = TypeVar("_T")
 
@@ -158,25 +164,34 @@ def dlq_dir(lake: LakePath, date: str | dt.date) -> Path:
     return Path(lake) / dlq_rel_dir(date)
 
 
-def data_file_name(topic: str, partition: int, start: int, end: int) -> str:
+def data_file_name(topic: str, partition: int, start: int, end: int, version: int = 1) -> str:
     """The one name a flush of ``[start, end)`` of a partition gives its files.
 
     Zero-padded offsets make lexical order offset order; a retried flush overwrites
-    its own earlier attempt instead of adding a second copy.
+    its own earlier attempt instead of adding a second copy. ``version`` > 1 names a
+    restated copy of the same rows (``.v{version}`` before the suffix): a new name, so
+    a reader that listed the old version keeps reading it whole.
     """
     check_topic(topic)
     _check_range(partition, start, end)
-    return f"{topic}.{partition}.{start:0{OFFSET_DIGITS}d}-{end:0{OFFSET_DIGITS}d}{PARQUET_SUFFIX}"
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 10**9:
+        raise ValueError(f"file version must be an int in 1..999999999, got {version!r}")
+    suffix = "" if version == 1 else f".v{version}"
+    return f"{topic}.{partition}.{start:0{OFFSET_DIGITS}d}-{end:0{OFFSET_DIGITS}d}{suffix}{PARQUET_SUFFIX}"
 
 
-def parse_data_file_name(name: str) -> tuple[str, int, int, int]:
-    """Invert `data_file_name`: (topic, partition, start, end).
-
-    Parsed from the right, since a topic may itself contain dots.
-    """
+def _parse_name(name: str) -> tuple[str, int, int, int, int]:
     if not name.endswith(PARQUET_SUFFIX):
         raise ValueError(f"not a data file name: {name!r}")
-    parts = name[: -len(PARQUET_SUFFIX)].rsplit(".", 2)
+    stem = name[: -len(PARQUET_SUFFIX)]
+    version = 1
+    head, dot, last = stem.rpartition(".")
+    if dot and (v := _VERSION_RE.fullmatch(last)) is not None:
+        version = int(v.group(1))
+        if version == 1:
+            raise ValueError(f"not a data file name (version 1 has no suffix): {name!r}")
+        stem = head
+    parts = stem.rsplit(".", 2)
     if len(parts) != 3:
         raise ValueError(f"not a data file name: {name!r}")
     topic, partition_s, offsets = parts
@@ -188,7 +203,20 @@ def parse_data_file_name(name: str) -> tuple[str, int, int, int]:
     partition, start, end = int(partition_s), int(m.group(1)), int(m.group(2))
     check_topic(topic)
     _check_range(partition, start, end)
-    return topic, partition, start, end
+    return topic, partition, start, end, version
+
+
+def parse_data_file_name(name: str) -> tuple[str, int, int, int]:
+    """Invert `data_file_name`: (topic, partition, start, end), whatever the version.
+
+    Parsed from the right, since a topic may itself contain dots.
+    """
+    return _parse_name(name)[:4]
+
+
+def data_file_version(name: str) -> int:
+    """The version `data_file_name` gave ``name``: 1 unless restated."""
+    return _parse_name(name)[4]
 
 
 def temp_name(final_name: str, token: str) -> str:
@@ -243,6 +271,7 @@ class DataPath:
     partition: int
     start: int
     end: int
+    version: int = 1  # > 1: a restated copy (see `data_file_name`)
 
 
 def parse_rel_path(rel: str) -> DataPath:
@@ -261,8 +290,15 @@ def parse_rel_path(rel: str) -> DataPath:
     if not parts[1].startswith("date="):
         raise ValueError(f"not a data file path: {rel!r}")
     date = _date_str(parts[1].removeprefix("date="))
-    topic, partition, start, end = parse_data_file_name(parts[-1])
-    return DataPath(kind, date, hour, topic, partition, start, end)
+    topic, partition, start, end, version = _parse_name(parts[-1])
+    return DataPath(kind, date, hour, topic, partition, start, end, version)
+
+
+def next_version_path(rel: str) -> str:
+    """The path of a data file's next version: same directory and offsets, version + 1."""
+    p = parse_rel_path(rel)
+    directory = rel.rsplit("/", 1)[0]
+    return f"{directory}/{data_file_name(p.topic, p.partition, p.start, p.end, p.version + 1)}"
 
 
 def abs_path(lake: LakePath, rel: str) -> Path:

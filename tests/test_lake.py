@@ -111,6 +111,44 @@ def test_parse_data_file_name_rejects(bad: str) -> None:
         lake.parse_data_file_name(bad)
 
 
+@pytest.mark.parametrize("topic", ["usage", "usage.v2", "x.1.2", "v3"])
+def test_versioned_names(topic: str) -> None:
+    """A restated copy keeps the offsets and adds ``.v{n}``; every reader parses it."""
+    assert lake.data_file_name(topic, 3, 100, 250, 1) == lake.data_file_name(topic, 3, 100, 250)
+    name = lake.data_file_name(topic, 3, 100, 250, 2)
+    assert name == f"{topic}.3.00000000000000000100-00000000000000000250.v2.parquet"
+    assert lake.parse_data_file_name(name) == (topic, 3, 100, 250)
+    assert lake.data_file_version(name) == 2
+    assert lake.data_file_version(lake.data_file_name(topic, 3, 100, 250)) == 1
+    rel = lake.events_rel_path("2026-01-02", 3, name)
+    assert lake.parse_rel_path(rel) == lake.DataPath("events", "2026-01-02", 3, topic, 3, 100, 250, 2)
+    v1 = lake.events_rel_path("2026-01-02", 3, lake.data_file_name(topic, 3, 100, 250))
+    assert lake.next_version_path(v1) == rel
+    assert lake.next_version_path(rel) == rel.removesuffix(".v2.parquet") + ".v3.parquet"
+    assert lake.next_version_path(lake.dlq_rel_path("2026-01-02", name)).endswith(".v3.parquet")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "t.0.00000000000000000001-00000000000000000002.v1.parquet",
+        "t.0.00000000000000000001-00000000000000000002.v0.parquet",
+        "t.0.00000000000000000001-00000000000000000002.v02.parquet",
+        "t.0.00000000000000000001-00000000000000000002.v.parquet",
+        "t.0.00000000000000000001-00000000000000000002.v2.v3.parquet",
+        "t.0.00000000000000000001-00000000000000000002.V2.parquet",
+        "t.0.00000000000000000001-00000000000000000002.v1000000000.parquet",
+        "v2.parquet",
+    ],
+)
+def test_versioned_names_reject(bad: str) -> None:
+    with pytest.raises(ValueError):
+        lake.parse_data_file_name(bad)
+    for version in (0, -1, True, 10**9):
+        with pytest.raises(ValueError, match="version"):
+            lake.data_file_name("t", 0, 1, 2, version)
+
+
 @pytest.mark.parametrize(
     ("topic", "partition", "start", "end"),
     [("", 0, 0, 1), ("a/b", 0, 0, 1), ("..", 0, 0, 1), ("t", -1, 0, 1), ("t", 0, 5, 5),
