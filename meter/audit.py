@@ -204,7 +204,7 @@ class _Audit:
             self.partitions.append(pf)
             self.report.count("partitions")
             self.report.count("entries", len(pf.state.entries))
-            self.report.count("compactions", len(pf.compactions))
+            self.report.count("compactions", len(pf.rewrites))
             self.report.count("messages", sum(e.messages for e in pf.state.entries))
 
     def files(self) -> None:

@@ -11,7 +11,7 @@ Per Kafka partition, in this order (each step durable before the next)::
     1. recover: remove what a crashed run left (merged files no record lists, temps)
     2. intent:  record the merged files this run is about to write
     3. merge:   write each merged file (temp name, fsync, rename, fsync the directory)
-    4. record:  link compaction record ``seq`` (`meter.manifest.append_compaction`):
+    4. record:  link rewrite record ``seq`` (`meter.manifest.append_rewrite`):
                 from here readers list the merged files instead of the small ones
     5. clear the intent
     6. delete:  remove retired files whose record is older than ``delete_grace``,
@@ -22,10 +22,12 @@ of the next run removes); a crash after it leaves the new listing. No row is eve
 listed twice or not at all, whatever the instant. Entries are never edited: a daemon
 appending entries meanwhile is unaffected, and its new files are left for the next run.
 
-One compaction at a time per lake (an exclusive ``flock`` on ``_meter/compact/lock``);
-a second one fails with `CompactBusy`. Two on different machines over a shared
-filesystem would still be fenced by the record's exclusive link, but step 1 of one
-could remove the other's in-flight files: run one compactor per lake.
+One rewriter at a time per lake (an exclusive ``flock`` on ``_meter/compact/lock``,
+`lake_lock`): a second compaction, or a restatement (`meter.reprice`, which reuses the
+lock, the intent and recovery, `write_rows` and `delete_retired`), fails with
+`CompactBusy`. Two on different machines over a shared filesystem would still be fenced
+by the record's exclusive link, but step 1 of one could remove the other's in-flight
+files: run one rewriter per lake.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import fcntl
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +69,7 @@ from meter.manifest import (
     FileRecord,
     PartitionFiles,
     Replacement,
-    append_compaction,
+    append_rewrite,
     list_partitions,
     load_files,
 )
@@ -79,11 +81,18 @@ __all__ = [
     "CompactPolicy",
     "CompactReport",
     "Group",
+    "clear_intent",
     "compact",
     "compact_partition",
+    "default_writer",
+    "delete_retired",
     "is_closed",
+    "lake_lock",
     "plan",
+    "recover",
     "state_dir",
+    "write_intent",
+    "write_rows",
 ]
 
 MIB: Final = 1 << 20
@@ -96,11 +105,11 @@ _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 class CompactError(RuntimeError):
-    """A merge that must not be committed (a file disagrees with its manifest record)."""
+    """A rewrite that must not be committed (a file disagrees with its manifest record)."""
 
 
 class CompactBusy(CompactError):
-    """Another compaction holds this lake's lock."""
+    """Another compaction or restatement holds this lake's lock."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +288,8 @@ def state_dir(lake: LakePath, topic: str, partition: int) -> Path:
 
 
 @contextmanager
-def _lake_lock(lake: LakePath) -> Iterator[None]:
+def lake_lock(lake: LakePath) -> Iterator[None]:
+    """Held by the one rewriter (compaction or restatement) of a lake; `CompactBusy` if taken."""
     path = Path(lake) / META_DIR / "compact" / "lock"
     make_dirs(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -287,7 +297,7 @@ def _lake_lock(lake: LakePath) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CompactBusy(f"another compaction is running on {os.fspath(lake)}") from None
+            raise CompactBusy(f"another compaction or restatement is running on {os.fspath(lake)}") from None
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -313,10 +323,26 @@ def _unlink(path: Path) -> bool:
     return True
 
 
-def _recover(lake: LakePath, pf: PartitionFiles, checkpoint: Callable[[str], None]) -> int:
-    """Remove the merged files (and temps) of a crashed run that no record lists."""
+def _intent_file(lake: LakePath, topic: str, partition: int) -> Path:
+    return state_dir(lake, topic, partition) / "intent.json"
+
+
+def write_intent(lake: LakePath, topic: str, partition: int, paths: Sequence[str]) -> None:
+    """Durably name the files a rewrite of the partition is about to write (step 2)."""
+    write_bytes_atomic(orjson.dumps({"v": 1, "files": list(paths)}), _intent_file(lake, topic, partition))
+
+
+def clear_intent(lake: LakePath, topic: str, partition: int) -> None:
+    """Drop the intent once its record is linked or its files are removed (step 5)."""
+    path = _intent_file(lake, topic, partition)
+    _unlink(path)
+    fsync_dir(path.parent)
+
+
+def recover(lake: LakePath, pf: PartitionFiles, checkpoint: Callable[[str], None]) -> int:
+    """Remove the new files (and temps) of a crashed rewrite that no record lists."""
     s = pf.state
-    intent_file = state_dir(lake, s.topic, s.partition) / "intent.json"
+    intent_file = _intent_file(lake, s.topic, s.partition)
     intent = _read_json(intent_file)
     if intent is None:
         return 0
@@ -346,37 +372,33 @@ def _recover(lake: LakePath, pf: PartitionFiles, checkpoint: Callable[[str], Non
     return removed
 
 
-def _merge(lake: LakePath, group: Group, checkpoint: Callable[[str], None]) -> FileRecord:
-    """Write the group's rows, in offset order, as one Parquet file; readers never see it partial.
+def write_rows(
+    lake: LakePath,
+    rel: str,
+    schema: pa.Schema,
+    tables: Iterable[pa.Table],
+    rows: int,
+    checkpoint: Callable[[str], None],
+    step: str,
+) -> int:
+    """Write ``tables`` as one zstd Parquet file at ``rel``; readers never see it partial.
 
-    Reads one input at a time and writes row groups of up to `ROW_GROUP_ROWS`, so memory
-    stays bounded whatever the target size. Every input must have the rows its record
-    says and the first input's schema; the output's row count is checked before the
-    rename.
+    Row groups of up to `ROW_GROUP_ROWS`, buffered a few inputs at a time, so memory
+    stays bounded whatever the file size; ``checkpoint(step)`` once the first table is
+    in. The row count written is checked against ``rows`` before the rename into place
+    (temp name, fsync, rename, fsync the directory). Returns the file's bytes.
     """
-    rel = group.output
     final = abs_path(lake, rel)
     make_dirs(final.parent)
     tmp = final.with_name(temp_name(final.name, new_token()))
-
-    def read(rec: FileRecord) -> pa.Table:
-        table = pq.read_table(abs_path(lake, rec.path))
-        if table.num_rows != rec.rows:
-            raise CompactError(f"{rec.path} holds {table.num_rows} rows, its record says {rec.rows}")
-        return table
-
     try:
-        first = read(group.files[0])
         with open(tmp, "xb") as f:
             with pq.ParquetWriter(
-                f, first.schema, compression="zstd", coerce_timestamps="ms", allow_truncated_timestamps=False
+                f, schema, compression="zstd", coerce_timestamps="ms", allow_truncated_timestamps=False
             ) as writer:
                 pending: list[pa.Table] = []
                 pending_rows = pending_bytes = 0
-                for i, rec in enumerate(group.files):
-                    table = first if i == 0 else read(rec)
-                    if not table.schema.equals(first.schema, check_metadata=False):
-                        raise CompactError(f"{rec.path} has another schema than {group.files[0].path}")
+                for i, table in enumerate(tables):
                     pending.append(table)
                     pending_rows += table.num_rows
                     pending_bytes += table.nbytes
@@ -384,27 +406,54 @@ def _merge(lake: LakePath, group: Group, checkpoint: Callable[[str], None]) -> F
                         writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
                         pending, pending_rows, pending_bytes = [], 0, 0
                     if i == 0:
-                        checkpoint("merging")
+                        checkpoint(step)
                 if pending:
                     writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()
         written = pq.read_metadata(tmp).num_rows
-        if written != group.rows:
-            raise CompactError(f"{rel}: wrote {written} rows, expected {group.rows}")
+        if written != rows:
+            raise CompactError(f"{rel}: wrote {written} rows, expected {rows}")
         os.replace(tmp, final)
     except BaseException:
         _unlink(tmp)
         raise
     fsync_dir(final.parent)
-    return FileRecord(path=rel, kind=group.files[0].kind, rows=group.rows, bytes=size)
+    return size
 
 
-def _delete_retired(
+def _merge(lake: LakePath, group: Group, checkpoint: Callable[[str], None]) -> FileRecord:
+    """Write the group's rows, in offset order, as one Parquet file (`write_rows`).
+
+    Reads one input at a time. Every input must have the rows its record says and the
+    first input's schema.
+    """
+
+    def read(rec: FileRecord) -> pa.Table:
+        table = pq.read_table(abs_path(lake, rec.path))
+        if table.num_rows != rec.rows:
+            raise CompactError(f"{rec.path} holds {table.num_rows} rows, its record says {rec.rows}")
+        return table
+
+    first = read(group.files[0])
+
+    def inputs() -> Iterator[pa.Table]:
+        yield first
+        for rec in group.files[1:]:
+            table = read(rec)
+            if not table.schema.equals(first.schema, check_metadata=False):
+                raise CompactError(f"{rec.path} has another schema than {group.files[0].path}")
+            yield table
+
+    size = write_rows(lake, group.output, first.schema, inputs(), group.rows, checkpoint, "merging")
+    return FileRecord(path=group.output, kind=group.files[0].kind, rows=group.rows, bytes=size)
+
+
+def delete_retired(
     lake: LakePath, pf: PartitionFiles, now_ms: int, grace_ms: int, checkpoint: Callable[[str], None]
 ) -> int:
-    """Delete the files of records older than the grace, oldest record first.
+    """Delete the files replaced by records (of either type) older than the grace, oldest first.
 
     ``deleted.json`` remembers the last record done, so each retired file is looked at
     once. Never deletes a listed file. Stops at the first record still in its grace.
@@ -418,12 +467,12 @@ def _delete_retired(
     live = {f.path for f in pf.live}
     deleted = 0
     done = through
-    for record in pf.compactions[through:]:
+    for record in pf.rewrites[through:]:
         if record.written_at_ms + grace_ms > now_ms:
             break
         dirs: set[Path] = set()
-        for g in record.groups:
-            for f in g.replaces:
+        for replaces, _ in record.swaps:
+            for f in replaces:
                 if f.path not in live and _unlink(abs_path(lake, f.path)):
                     deleted += 1
                     dirs.add(abs_path(lake, f.path).parent)
@@ -462,7 +511,7 @@ def compact_partition(
     report = CompactReport(partitions=1, dry_run=dry_run)
     pf = load_files(lake, topic, partition)
     if not dry_run:
-        report.orphans_removed += _recover(lake, pf, checkpoint)
+        report.orphans_removed += recover(lake, pf, checkpoint)
     groups = plan(pf.live, now_ms, policy)
     if dry_run:
         report.groups = len(groups)
@@ -470,11 +519,10 @@ def compact_partition(
         report.rows = sum(g.rows for g in groups)
         report.bytes_before = sum(g.bytes for g in groups)
         return report
-    intent_file = state_dir(lake, topic, partition) / "intent.json"
-    seq = len(pf.compactions)
+    seq = len(pf.rewrites)
     for i in range(0, len(groups), policy.max_groups_per_record):
         batch = groups[i : i + policy.max_groups_per_record]
-        write_bytes_atomic(orjson.dumps({"v": 1, "files": [g.output for g in batch]}), intent_file)
+        write_intent(lake, topic, partition, [g.output for g in batch])
         checkpoint("intent")
         done: list[Replacement] = []
         for g in batch:
@@ -495,7 +543,7 @@ def compact_partition(
                 writer=writer,
                 written_at_ms=clock(),
             )
-            append_compaction(lake, record)
+            append_rewrite(lake, record)
             checkpoint("record")
             report.records += 1
             report.groups += len(done)
@@ -506,14 +554,11 @@ def compact_partition(
             report.bytes_after += sum(r.file.bytes for r in done)
         if len(done) < len(batch):
             report.orphans_removed += _remove_failed(lake, batch, done)
-        _unlink(intent_file)
-        fsync_dir(intent_file.parent)
+        clear_intent(lake, topic, partition)
         checkpoint("committed")
     if report.records:
         pf = load_files(lake, topic, partition)
-    report.retired_deleted += _delete_retired(
-        lake, pf, clock(), int(policy.delete_grace_s * 1000), checkpoint
-    )
+    report.retired_deleted += delete_retired(lake, pf, clock(), int(policy.delete_grace_s * 1000), checkpoint)
     return report
 
 
@@ -529,7 +574,7 @@ def _remove_failed(lake: LakePath, batch: Sequence[Group], done: Sequence[Replac
 
 
 def default_writer() -> str:
-    """``host/pid``: who wrote a compaction record."""
+    """``host/pid``: who wrote a rewrite record."""
     return f"{socket.gethostname()}/{os.getpid()}"
 
 
@@ -555,7 +600,7 @@ def compact(
     now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     who = writer or default_writer()
     report = CompactReport(dry_run=dry_run)
-    with nullcontext() if dry_run else _lake_lock(lake):
+    with nullcontext() if dry_run else lake_lock(lake):
         for topic, partition in list_partitions(lake):
             part = compact_partition(
                 lake,

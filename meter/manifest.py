@@ -11,14 +11,21 @@ and what is committed to Kafka. Several daemons share one lake, so there is no
 single-writer database: entries are created with an exclusive link, which fences a
 writer that lost its partition but keeps flushing (see `append_entry`).
 
-Compaction (`meter.compact`) never edits an entry. It adds a record beside them that
-swaps a set of listed files for one merged file, atomically::
+Rewrites never edit an entry. They add a *rewrite record* beside the entries that swaps
+listed files for new ones, atomically, in one numbered sequence per partition::
 
     LAKE/_meter/manifest/topic=T/partition=P/compaction-{seq:020d}.json   (seq 1, 2, ...)
 
+A record is a `CompactionRecord` (`meter.compact`: several files merged into one, rows
+unchanged) or a `RestatementRecord` (`meter.reprice`: a file replaced by a new version
+of the same rows with costs priced again; it keeps each file's old and new cost). Both
+share the sequence (the file name predates restatements), so a compaction and a
+restatement planned on the same listing collide on one name and only one commits.
+
 What the lake lists (`listed_files`, `load_files`) is the entries' files with every
 record applied in ``seq`` order; a replaced file is *retired*: listed no more, deleted
-by compaction once a grace period has passed.
+once a grace period has passed. Entries keep the cost they were written with; `totals`
+adds the restatements' differences.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from meter.schema import TOKEN_COLUMNS
 from meter.totals import Totals as RowTotals
 
 __all__ = [
-    "CompactionConflict",
+    "CatalogRef",
     "CompactionRecord",
     "FileRecord",
     "ManifestConflict",
@@ -61,24 +68,29 @@ __all__ = [
     "PartitionFiles",
     "PartitionState",
     "Replacement",
+    "Restatement",
+    "RestatementRecord",
+    "RewriteConflict",
+    "RewriteRecord",
     "Totals",
-    "append_compaction",
     "append_entry",
-    "apply_compactions",
-    "compaction_path",
+    "append_rewrite",
+    "apply_rewrites",
     "entry_path",
     "event_totals",
     "format_cost",
     "list_partitions",
     "listed_files",
     "listed_records",
-    "load_compactions",
     "load_files",
     "load_partition",
+    "load_rewrites",
     "origin_path",
+    "parse_rewrite",
     "partition_dir",
     "reject_counts",
     "retired_files",
+    "rewrite_path",
     "totals",
 ]
 
@@ -117,13 +129,13 @@ class ManifestCorrupt(ManifestError):
     """The manifest contradicts itself (a gap or overlap, an unreadable entry)."""
 
 
-class CompactionConflict(ManifestError):
-    """Another compaction already wrote record ``seq``: this one built on a stale listing."""
+class RewriteConflict(ManifestError):
+    """Another rewrite already wrote record ``seq``: this one built on a stale listing."""
 
     def __init__(self, topic: str, partition: int, seq: int) -> None:
         super().__init__(
-            f"{topic}[{partition}]: compaction record {seq} already exists: another compaction "
-            "ran meanwhile; reload the partition's files and plan again"
+            f"{topic}[{partition}]: rewrite record {seq} already exists: another compaction or "
+            "restatement ran meanwhile; reload the partition's files and plan again"
         )
         self.topic = topic
         self.partition = partition
@@ -550,7 +562,7 @@ def retired_files(lake: LakePath) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class Totals:
-    """Sums over every entry of the lake."""
+    """Sums over every entry of the lake (cost and unpriced: restatements applied)."""
 
     partitions: int
     entries: int
@@ -568,18 +580,23 @@ class Totals:
 def totals(lake: LakePath) -> Totals:
     """Sum the manifest: what the lake holds, without reading a data file.
 
-    Row, token and cost sums come from the entries (compaction moves rows between files,
-    never changes them); ``files`` and ``bytes`` count the listed files, after compaction.
+    Row and token sums come from the entries (rewrites move rows between files, never
+    change them); cost and unpriced sums are the entries' plus each restatement's
+    difference (new - old), so they are what the listed files hold now; ``files`` and
+    ``bytes`` count the listed files, after the rewrites.
     """
     loaded = [load_files(lake, t, p) for t, p in list_partitions(lake)]
     entries = [e for pf in loaded for e in pf.state.entries]
     live = [f for pf in loaded for f in pf.live]
     reasons: dict[str, int] = {}
     tokens = dict.fromkeys(TOKEN_COLUMNS, 0)
+    restatements = [r for pf in loaded for r in pf.rewrites if isinstance(r, RestatementRecord)]
     cost = Decimal(0)
     with localcontext(_EXACT):
         for e in entries:
             cost += Decimal(e.cost_usd)
+        for rs in restatements:
+            cost += rs.cost_change
     for e in entries:
         for r, n in e.rejects_by_reason.items():
             reasons[r] = reasons.get(r, 0) + n
@@ -594,22 +611,23 @@ def totals(lake: LakePath) -> Totals:
         rejects_by_reason=dict(sorted(reasons.items())),
         tokens=tokens,
         cost_usd=format_cost(cost),
-        unpriced=sum(e.unpriced for e in entries),
+        unpriced=sum(e.unpriced for e in entries) + sum(rs.unpriced_change for rs in restatements),
         files=len(live),
         bytes=sum(f.bytes for f in live),
     )
 
 
-# --- compaction records -------------------------------------------------------------------
+# --- rewrite records: compactions and restatements ------------------------------------------
 
-COMPACTION_VERSION: Final = 1
-_COMPACTION_RE = re.compile(r"compaction-(\d{20})\.json")
+REWRITE_VERSION: Final = 1
+_REWRITE_RE = re.compile(r"compaction-(\d{20})\.json")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
-def compaction_path(lake: LakePath, topic: str, partition: int, seq: int) -> Path:
+def rewrite_path(lake: LakePath, topic: str, partition: int, seq: int) -> Path:
     """``.../partition=P/compaction-{seq:020d}.json``: the one name record ``seq`` can have."""
     if seq < 1:
-        raise ValueError(f"compaction seq must be >= 1, got {seq}")
+        raise ValueError(f"rewrite seq must be >= 1, got {seq}")
     return partition_dir(lake, topic, partition) / f"compaction-{seq:020d}.json"
 
 
@@ -625,6 +643,43 @@ def _file_from_json(d: object) -> FileRecord:
         rows=_typed(d["rows"], int, "rows"),
         bytes=_typed(d["bytes"], int, "bytes"),
     )
+
+
+def _check_header(topic: str, partition: int, seq: int, writer: str, written_at_ms: int, what: str) -> str:
+    """Validate what every rewrite record has; return its name for messages."""
+    check_topic(topic)
+    _count(partition, "partition")
+    _count(written_at_ms, "written_at_ms")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise ValueError(f"{what} seq must be an int >= 1, got {seq!r}")
+    where = f"{topic}[{partition}] {what} {seq}"
+    if not isinstance(writer, str):
+        raise ValueError(f"{where}: writer must be a string")
+    return where
+
+
+def _check_swapped(
+    where: str, topic: str, partition: int, swaps: Sequence[tuple[tuple[FileRecord, ...], FileRecord]]
+) -> None:
+    """Every file of the record is this partition's and appears once."""
+    paths: list[str] = []
+    for replaces, file in swaps:
+        p = parse_rel_path(file.path)
+        if (p.topic, p.partition) != (topic, partition):
+            raise ValueError(f"{where}: {file.path} is another partition's file")
+        paths += [file.path, *(f.path for f in replaces)]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"{where}: a file appears in two replacements")
+
+
+def _loads(data: bytes, kind: str) -> dict[str, object]:
+    try:
+        d = _typed(orjson.loads(data), dict, "record")
+    except orjson.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e}") from e
+    if d.get("v") != REWRITE_VERSION or d.get("type") != kind:
+        raise ValueError(f"not a {kind} record: format {d.get('v')!r}/{d.get('type')!r}")
+    return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -692,33 +747,27 @@ class CompactionRecord:
     written_at_ms: int
 
     def __post_init__(self) -> None:
-        check_topic(self.topic)
-        _count(self.partition, "partition")
-        _count(self.written_at_ms, "written_at_ms")
-        if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 1:
-            raise ValueError(f"compaction seq must be an int >= 1, got {self.seq!r}")
-        where = f"{self.topic}[{self.partition}] compaction {self.seq}"
+        where = _check_header(
+            self.topic, self.partition, self.seq, self.writer, self.written_at_ms, "compaction"
+        )
         groups = tuple(self.groups)
         if not groups:
             raise ValueError(f"{where}: no replacement")
-        paths: list[str] = []
         for g in groups:
             _typed(g, Replacement, "groups[]")
-            p = parse_rel_path(g.file.path)
-            if (p.topic, p.partition) != (self.topic, self.partition):
-                raise ValueError(f"{where}: {g.file.path} is another partition's file")
-            paths += [g.file.path, *(f.path for f in g.replaces)]
-        if len(set(paths)) != len(paths):
-            raise ValueError(f"{where}: a file appears in two replacements")
-        if not isinstance(self.writer, str):
-            raise ValueError(f"{where}: writer must be a string")
         object.__setattr__(self, "groups", groups)
+        _check_swapped(where, self.topic, self.partition, self.swaps)
+
+    @property
+    def swaps(self) -> tuple[tuple[tuple[FileRecord, ...], FileRecord], ...]:
+        """(files leaving the listing, the file taking their place), per replacement."""
+        return tuple((g.replaces, g.file) for g in self.groups)
 
     def to_json(self) -> bytes:
         """Deterministic JSON, like `ManifestEntry.to_json`."""
         return orjson.dumps(
             {
-                "v": COMPACTION_VERSION,
+                "v": REWRITE_VERSION,
                 "type": "compaction",
                 "topic": self.topic,
                 "partition": self.partition,
@@ -736,13 +785,8 @@ class CompactionRecord:
     @classmethod
     def from_json(cls, data: bytes) -> CompactionRecord:
         """Parse and validate; raises ValueError on anything malformed."""
+        d = _loads(data, "compaction")
         try:
-            d = _typed(orjson.loads(data), dict, "record")
-        except orjson.JSONDecodeError as e:
-            raise ValueError(f"invalid JSON: {e}") from e
-        try:
-            if d["v"] != COMPACTION_VERSION or d["type"] != "compaction":
-                raise ValueError(f"unknown compaction record format {d['v']!r}/{d['type']!r}")
             groups = tuple(
                 Replacement(
                     replaces=tuple(_file_from_json(f) for f in _typed(g["replaces"], list, "replaces")),
@@ -762,17 +806,235 @@ class CompactionRecord:
             raise ValueError(f"malformed compaction record: {e!r}") from e
 
 
-def append_compaction(lake: LakePath, record: CompactionRecord) -> Path:
-    """Durably add ``record``, or raise `CompactionConflict` if its ``seq`` is taken.
+@dataclass(frozen=True, slots=True)
+class CatalogRef:
+    """Which price catalog a restatement priced with: its file name and the sha256 of its bytes."""
 
-    The one atomic step of a compaction: before the link, readers list the old files;
-    after it, the merged ones (the merged files must be durable before this is called).
-    ``seq`` is one past the last record the caller read, so two compactions planned on
-    the same listing collide on one name and ``os.link`` lets only the first through.
+    name: str
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"catalog name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.sha256, str) or not _SHA256_RE.fullmatch(self.sha256):
+            raise ValueError(f"catalog sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+
+
+def _cost_string(value: str, what: str) -> Decimal:
+    if not isinstance(value, str) or not _COST_RE.fullmatch(value):
+        raise ValueError(f"{what} must be a plain decimal string, got {value!r}")
+    return Decimal(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Restatement:
+    """One events file ``replaces`` swapped for ``file``: the same rows (same directory and
+    offsets, a higher version), with costs priced again.
+
+    ``old_cost_usd`` and ``new_cost_usd`` are the exact sums of the two files' ``cost_usd``
+    (`format_cost`); ``old_unpriced`` and ``new_unpriced`` their rows without a cost;
+    ``changed`` the rows whose cost differs (at least one: an unchanged file is left alone).
+    """
+
+    replaces: FileRecord
+    file: FileRecord
+    old_cost_usd: str
+    new_cost_usd: str
+    old_unpriced: int
+    new_unpriced: int
+    changed: int
+
+    def __post_init__(self) -> None:
+        _typed(self.replaces, FileRecord, "replaces")
+        _typed(self.file, FileRecord, "file")
+        where = self.file.path
+        old, new = parse_rel_path(self.replaces.path), parse_rel_path(self.file.path)
+        if old.kind != "events":
+            raise ValueError(f"{where}: only events files are restated, not {self.replaces.path}")
+        if (old.date, old.hour, old.topic, old.partition, old.start, old.end) != (
+            new.date,
+            new.hour,
+            new.topic,
+            new.partition,
+            new.start,
+            new.end,
+        ):
+            raise ValueError(f"{where} must be in the directory and have the offsets of {self.replaces.path}")
+        if new.version <= old.version:
+            raise ValueError(f"{where} must have a higher version than {self.replaces.path}")
+        if self.file.rows != self.replaces.rows:
+            raise ValueError(
+                f"{where} holds {self.file.rows} rows, the file it restates {self.replaces.rows}"
+            )
+        _cost_string(self.old_cost_usd, f"{where}: old_cost_usd")
+        _cost_string(self.new_cost_usd, f"{where}: new_cost_usd")
+        for name in ("old_unpriced", "new_unpriced", "changed"):
+            _count(getattr(self, name), f"{where}: {name}")
+            if getattr(self, name) > self.file.rows:
+                raise ValueError(f"{where}: {name} {getattr(self, name)} > rows {self.file.rows}")
+        if self.changed < 1:
+            raise ValueError(f"{where}: no row changed: nothing to restate")
+
+    @property
+    def cost_change(self) -> Decimal:
+        """new - old, exact."""
+        with localcontext(_EXACT):
+            return Decimal(self.new_cost_usd) - Decimal(self.old_cost_usd)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "replaces": _file_json(self.replaces),
+            "file": _file_json(self.file),
+            "old_cost_usd": self.old_cost_usd,
+            "new_cost_usd": self.new_cost_usd,
+            "old_unpriced": self.old_unpriced,
+            "new_unpriced": self.new_unpriced,
+            "changed": self.changed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: object) -> Restatement:
+        d = _typed(d, dict, "restated file")
+        return cls(
+            replaces=_file_from_json(d["replaces"]),
+            file=_file_from_json(d["file"]),
+            old_cost_usd=_typed(d["old_cost_usd"], str, "old_cost_usd"),
+            new_cost_usd=_typed(d["new_cost_usd"], str, "new_cost_usd"),
+            old_unpriced=_typed(d["old_unpriced"], int, "old_unpriced"),
+            new_unpriced=_typed(d["new_unpriced"], int, "new_unpriced"),
+            changed=_typed(d["changed"], int, "changed"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RestatementRecord:
+    """Restatement number ``seq`` of a partition's files: events priced again with ``catalog``.
+
+    Shares the sequence of `CompactionRecord` and applies the same way. Rows with event
+    time in ``[start_ms, end_ms)`` (None: unbounded) were priced again; the others kept
+    their stored cost. The entries keep the cost they were written with: a file's old
+    and new cost here are what makes the lake's cost traceable (`totals` adds the
+    differences, `meter.audit` checks them against the files).
+    """
+
+    topic: str
+    partition: int
+    seq: int
+    files: tuple[Restatement, ...]
+    catalog: CatalogRef
+    start_ms: int | None
+    end_ms: int | None
+    writer: str
+    written_at_ms: int
+
+    def __post_init__(self) -> None:
+        where = _check_header(
+            self.topic, self.partition, self.seq, self.writer, self.written_at_ms, "restatement"
+        )
+        files = tuple(self.files)
+        if not files:
+            raise ValueError(f"{where}: no restated file")
+        for f in files:
+            _typed(f, Restatement, "files[]")
+        _typed(self.catalog, CatalogRef, "catalog")
+        for name in ("start_ms", "end_ms"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{where}: {name} must be an int or None, got {value!r}")
+        if self.start_ms is not None and self.end_ms is not None and self.start_ms >= self.end_ms:
+            raise ValueError(f"{where}: start_ms must be < end_ms")
+        object.__setattr__(self, "files", files)
+        _check_swapped(where, self.topic, self.partition, self.swaps)
+
+    @property
+    def swaps(self) -> tuple[tuple[tuple[FileRecord, ...], FileRecord], ...]:
+        """(the file leaving the listing, its new version), per restated file."""
+        return tuple(((f.replaces,), f.file) for f in self.files)
+
+    @property
+    def cost_change(self) -> Decimal:
+        """Σ (new - old) cost over the record's files, exact."""
+        with localcontext(_EXACT):
+            return sum((f.cost_change for f in self.files), Decimal(0))
+
+    @property
+    def unpriced_change(self) -> int:
+        return sum(f.new_unpriced - f.old_unpriced for f in self.files)
+
+    def to_json(self) -> bytes:
+        """Deterministic JSON, like `ManifestEntry.to_json`."""
+        return orjson.dumps(
+            {
+                "v": REWRITE_VERSION,
+                "type": "restatement",
+                "topic": self.topic,
+                "partition": self.partition,
+                "seq": self.seq,
+                "files": [f.to_dict() for f in self.files],
+                "catalog": {"name": self.catalog.name, "sha256": self.catalog.sha256},
+                "start_ms": self.start_ms,
+                "end_ms": self.end_ms,
+                "writer": self.writer,
+                "written_at_ms": self.written_at_ms,
+            },
+            option=orjson.OPT_SORT_KEYS,
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RestatementRecord:
+        """Parse and validate; raises ValueError on anything malformed."""
+        d = _loads(data, "restatement")
+        try:
+            catalog = _typed(d["catalog"], dict, "catalog")
+            start, end = d["start_ms"], d["end_ms"]
+            return cls(
+                topic=_typed(d["topic"], str, "topic"),
+                partition=_typed(d["partition"], int, "partition"),
+                seq=_typed(d["seq"], int, "seq"),
+                files=tuple(Restatement.from_dict(f) for f in _typed(d["files"], list, "files")),
+                catalog=CatalogRef(
+                    name=_typed(catalog["name"], str, "catalog name"),
+                    sha256=_typed(catalog["sha256"], str, "catalog sha256"),
+                ),
+                start_ms=None if start is None else _typed(start, int, "start_ms"),
+                end_ms=None if end is None else _typed(end, int, "end_ms"),
+                writer=_typed(d["writer"], str, "writer"),
+                written_at_ms=_typed(d["written_at_ms"], int, "written_at_ms"),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed restatement record: {e!r}") from e
+
+
+RewriteRecord = CompactionRecord | RestatementRecord
+_REWRITE_TYPES: Final[dict[str, type[CompactionRecord] | type[RestatementRecord]]] = {
+    "compaction": CompactionRecord,
+    "restatement": RestatementRecord,
+}
+
+
+def parse_rewrite(data: bytes) -> RewriteRecord:
+    """Parse a rewrite record of either type; raises ValueError on anything malformed."""
+    try:
+        d = _typed(orjson.loads(data), dict, "record")
+    except orjson.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e}") from e
+    kind = d.get("type")
+    if not isinstance(kind, str) or kind not in _REWRITE_TYPES:
+        raise ValueError(f"unknown rewrite record type {kind!r}")
+    return _REWRITE_TYPES[kind].from_json(data)
+
+
+def append_rewrite(lake: LakePath, record: RewriteRecord) -> Path:
+    """Durably add ``record``, or raise `RewriteConflict` if its ``seq`` is taken.
+
+    The one atomic step of a compaction or a restatement: before the link, readers list
+    the old files; after it, the new ones (which must be durable before this is called).
+    ``seq`` is one past the last record the caller read, so two rewrites planned on the
+    same listing collide on one name and ``os.link`` lets only the first through.
     Record ``seq - 1`` must exist, so the records never have a gap.
     """
-    final = compaction_path(lake, record.topic, record.partition, record.seq)
-    if record.seq > 1 and not compaction_path(lake, record.topic, record.partition, record.seq - 1).exists():
+    final = rewrite_path(lake, record.topic, record.partition, record.seq)
+    if record.seq > 1 and not rewrite_path(lake, record.topic, record.partition, record.seq - 1).exists():
         raise ValueError(f"{final.name}: record {record.seq - 1} does not exist")
     make_dirs(final.parent)
     tmp = final.with_name(temp_name(final.name, new_token()))
@@ -784,23 +1046,23 @@ def append_compaction(lake: LakePath, record: CompactionRecord) -> Path:
         try:
             os.link(tmp, final)
         except FileExistsError:
-            raise CompactionConflict(record.topic, record.partition, record.seq) from None
+            raise RewriteConflict(record.topic, record.partition, record.seq) from None
         fsync_dir(final.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return final
 
 
-def _compaction_seqs(d: Path) -> list[tuple[int, str]]:
+def _rewrite_seqs(d: Path) -> list[tuple[int, str]]:
     try:
         names = os.listdir(d)
     except FileNotFoundError:
         return []
-    return sorted((int(m.group(1)), n) for n in names if (m := _COMPACTION_RE.fullmatch(n)))
+    return sorted((int(m.group(1)), n) for n in names if (m := _REWRITE_RE.fullmatch(n)))
 
 
-def load_compactions(lake: LakePath, topic: str, partition: int) -> tuple[CompactionRecord, ...]:
-    """A partition's compaction records in ``seq`` order; `ManifestCorrupt` on a gap.
+def load_rewrites(lake: LakePath, topic: str, partition: int) -> tuple[RewriteRecord, ...]:
+    """A partition's rewrite records in ``seq`` order; `ManifestCorrupt` on a gap.
 
     A directory listing taken while records are linked may show record ``n + 1`` but
     not ``n`` (both created during the listing); a gap is only corruption if a second
@@ -808,69 +1070,69 @@ def load_compactions(lake: LakePath, topic: str, partition: int) -> tuple[Compac
     """
     where = f"{topic}[{partition}]"
     d = partition_dir(lake, topic, partition)
-    seqs = _compaction_seqs(d)
+    seqs = _rewrite_seqs(d)
     if [s for s, _ in seqs] != list(range(1, len(seqs) + 1)):
-        seqs = _compaction_seqs(d)
+        seqs = _rewrite_seqs(d)
         missing = sorted(set(range(1, len(seqs) + 1)) - {s for s, _ in seqs})
         if missing:
-            raise ManifestCorrupt(f"{where}: compaction record {missing[0]} is missing")
+            raise ManifestCorrupt(f"{where}: rewrite record {missing[0]} is missing")
     records = []
     for seq, name in seqs:
         try:
-            r = CompactionRecord.from_json((d / name).read_bytes())
+            r = parse_rewrite((d / name).read_bytes())
         except ValueError as e:
             raise ManifestCorrupt(f"{where}: {name}: {e}") from e
         if (r.topic, r.partition, r.seq) != (topic, partition, seq):
-            raise ManifestCorrupt(f"{where}: {name} holds {r.topic}[{r.partition}] compaction {r.seq}")
+            raise ManifestCorrupt(f"{where}: {name} holds {r.topic}[{r.partition}] record {r.seq}")
         records.append(r)
     return tuple(records)
 
 
-def apply_compactions(
-    entries: Sequence[ManifestEntry], records: Sequence[CompactionRecord]
+def apply_rewrites(
+    entries: Sequence[ManifestEntry], records: Sequence[RewriteRecord]
 ) -> tuple[tuple[FileRecord, ...], tuple[tuple[FileRecord, int], ...]]:
     """(listed files, retired files with the ms their record was written) after ``records``.
 
     Raises `ManifestCorrupt` when a record replaces a file that is not listed at that
-    point (or is listed with other rows or bytes), or names a merged file that is or
-    was listed already.
+    point (or is listed with other rows or bytes), or names a new file that is or was
+    listed already.
     """
     live: dict[str, FileRecord] = {f.path: f for e in entries for f in e.files}
     retired: dict[str, tuple[FileRecord, int]] = {}
     for r in records:
-        where = f"{r.topic}[{r.partition}] compaction {r.seq}"
-        for g in r.groups:
-            for f in g.replaces:
+        where = f"{r.topic}[{r.partition}] record {r.seq}"
+        for replaces, file in r.swaps:
+            for f in replaces:
                 if live.get(f.path) != f:
                     raise ManifestCorrupt(f"{where}: replaces {f.path}, which is not listed as {f}")
-            if g.file.path in live or g.file.path in retired:
-                raise ManifestCorrupt(f"{where}: {g.file.path} is or was listed already")
-            for f in g.replaces:
+            if file.path in live or file.path in retired:
+                raise ManifestCorrupt(f"{where}: {file.path} is or was listed already")
+            for f in replaces:
                 del live[f.path]
                 retired[f.path] = (f, r.written_at_ms)
-            live[g.file.path] = g.file
+            live[file.path] = file
     return tuple(live.values()), tuple(retired.values())
 
 
 @dataclass(frozen=True, slots=True)
 class PartitionFiles:
-    """A partition's chain, its compaction records, and the files they list and retired."""
+    """A partition's chain, its rewrite records, and the files they list and retired."""
 
     state: PartitionState
-    compactions: tuple[CompactionRecord, ...]
+    rewrites: tuple[RewriteRecord, ...]
     live: tuple[FileRecord, ...]
     retired: tuple[tuple[FileRecord, int], ...]
 
 
 def load_files(lake: LakePath, topic: str, partition: int) -> PartitionFiles:
-    """Load a partition's compaction records, then its entries, and apply the records.
+    """Load a partition's rewrite records, then its entries, and apply the records.
 
     Records first: a record only replaces files of entries that existed before it was
     linked, and entries are never removed, so the entries read afterwards hold every
     file the records read replace. A record linked meanwhile is seen whole or not at
-    all: a reader lists the files before or after a compaction, never a mix.
+    all: a reader lists the files before or after a rewrite, never a mix.
     """
-    records = load_compactions(lake, topic, partition)
+    records = load_rewrites(lake, topic, partition)
     state = load_partition(lake, topic, partition)
-    live, retired = apply_compactions(state.entries, records)
+    live, retired = apply_rewrites(state.entries, records)
     return PartitionFiles(state, records, live, retired)

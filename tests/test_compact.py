@@ -26,26 +26,26 @@ from meter.cli import main
 from meter.compact import (
     CompactBusy,
     CompactPolicy,
-    _lake_lock,
     compact,
     is_closed,
+    lake_lock,
     plan,
 )
 from meter.manifest import (
-    CompactionConflict,
     CompactionRecord,
     FileRecord,
     ManifestCorrupt,
     Replacement,
-    append_compaction,
-    apply_compactions,
-    compaction_path,
+    RewriteConflict,
+    append_rewrite,
+    apply_rewrites,
     listed_files,
     listed_records,
-    load_compactions,
     load_files,
     load_partition,
+    load_rewrites,
     retired_files,
+    rewrite_path,
     totals,
 )
 from meter.query import open_lake, query
@@ -295,55 +295,55 @@ def test_record_from_json_rejects_malformed(mutate: Any) -> None:
         CompactionRecord.from_json(b"{")
 
 
-def test_apply_compactions() -> None:
+def test_apply_rewrites() -> None:
     r1 = replacement(0, 10, 25)
     entries_files = [*r1.replaces, rec("2026-01-01", 0, 25, 30, 3)]
 
-    class E:  # what apply_compactions reads of an entry
+    class E:  # what apply_rewrites reads of an entry
         files = tuple(entries_files)
 
     first = CompactionRecord(TOPIC, 0, 1, (r1,), "w", 100)
-    live, retired = apply_compactions([E()], [first])  # type: ignore[list-item]
+    live, retired = apply_rewrites([E()], [first])  # type: ignore[list-item]
     assert [f.path for f in live] == [entries_files[2].path, r1.file.path]
     assert retired == ((r1.replaces[0], 100), (r1.replaces[1], 100))
     # A record on top of the merged file: merges it again with the next one.
     r2 = Replacement((r1.file, entries_files[2]), rec("2026-01-01", 0, 0, 30, 20))
     second = CompactionRecord(TOPIC, 0, 2, (r2,), "w", 200)
-    live, retired = apply_compactions([E()], [first, second])  # type: ignore[list-item]
+    live, retired = apply_rewrites([E()], [first, second])  # type: ignore[list-item]
     assert [f.path for f in live] == [r2.file.path]
     assert [f.path for f, _ in retired] == [*(f.path for f in r1.replaces), *(f.path for f in r2.replaces)]
     with pytest.raises(ManifestCorrupt, match="not listed"):
-        apply_compactions([E()], [first, first])  # type: ignore[list-item]
+        apply_rewrites([E()], [first, first])  # type: ignore[list-item]
     with pytest.raises(ManifestCorrupt, match="not listed"):
-        apply_compactions([], [first])
+        apply_rewrites([], [first])
     # Replacing a file listed with other bytes is a corrupt record too.
     other = Replacement((r1.replaces[0], FileRecord(r1.replaces[1].path, "events", 15, 999)), r1.file)
     with pytest.raises(ManifestCorrupt, match="not listed"):
-        apply_compactions([E()], [CompactionRecord(TOPIC, 0, 1, (other,), "w", 1)])  # type: ignore[list-item]
+        apply_rewrites([E()], [CompactionRecord(TOPIC, 0, 1, (other,), "w", 1)])  # type: ignore[list-item]
 
 
-def test_append_compaction_fences_and_has_no_gaps(tmp_path: Path) -> None:
+def test_append_rewrite_fences_and_has_no_gaps(tmp_path: Path) -> None:
     r = CompactionRecord(TOPIC, 0, 1, (replacement(),), "w", 1)
-    append_compaction(tmp_path, r)
-    assert compaction_path(tmp_path, TOPIC, 0, 1).read_bytes() == r.to_json()
-    with pytest.raises(CompactionConflict):
-        append_compaction(tmp_path, r)
+    append_rewrite(tmp_path, r)
+    assert rewrite_path(tmp_path, TOPIC, 0, 1).read_bytes() == r.to_json()
+    with pytest.raises(RewriteConflict):
+        append_rewrite(tmp_path, r)
     with pytest.raises(ValueError, match="record 2 does not exist"):
-        append_compaction(tmp_path, CompactionRecord(TOPIC, 0, 3, (replacement(),), "w", 1))
-    assert load_compactions(tmp_path, TOPIC, 0) == (r,)
-    assert [n for n in os.listdir(compaction_path(tmp_path, TOPIC, 0, 1).parent)] == [
+        append_rewrite(tmp_path, CompactionRecord(TOPIC, 0, 3, (replacement(),), "w", 1))
+    assert load_rewrites(tmp_path, TOPIC, 0) == (r,)
+    assert [n for n in os.listdir(rewrite_path(tmp_path, TOPIC, 0, 1).parent)] == [
         "compaction-00000000000000000001.json"
     ]  # no temp left behind
     # The daemon's chain ignores records.
     assert load_partition(tmp_path, TOPIC, 0).entries == ()
     # A gap (a lost record) is corruption.
-    shutil.copy(compaction_path(tmp_path, TOPIC, 0, 1), compaction_path(tmp_path, TOPIC, 0, 3))
+    shutil.copy(rewrite_path(tmp_path, TOPIC, 0, 1), rewrite_path(tmp_path, TOPIC, 0, 3))
     with pytest.raises(ManifestCorrupt, match="record 2 is missing"):
-        load_compactions(tmp_path, TOPIC, 0)
-    compaction_path(tmp_path, TOPIC, 0, 3).write_bytes(b"{}")
-    compaction_path(tmp_path, TOPIC, 0, 2).write_bytes(r.to_json())
+        load_rewrites(tmp_path, TOPIC, 0)
+    rewrite_path(tmp_path, TOPIC, 0, 3).write_bytes(b"{}")
+    rewrite_path(tmp_path, TOPIC, 0, 2).write_bytes(r.to_json())
     with pytest.raises(ManifestCorrupt, match=r"compaction-00000000000000000002\.json holds"):
-        load_compactions(tmp_path, TOPIC, 0)
+        load_rewrites(tmp_path, TOPIC, 0)
 
 
 # --- the lake ----------------------------------------------------------------------------------
@@ -396,8 +396,8 @@ def test_only_closed_directories(root: Path) -> None:
     # At 02:00 + 2 h grace + 1 ms, hours 00 and 01 are closed, hour 02 and the DLQ days are not.
     now = T0 + 4 * HOUR
     compact(root, BIG, now_ms=now)
-    dirs = {lake.parse_rel_path(r.file.path).hour for c in load_files(root, TOPIC, 0).compactions
-            for r in c.groups}  # fmt: skip
+    dirs = {lake.parse_rel_path(f.path).hour for c in load_files(root, TOPIC, 0).rewrites
+            for _, f in c.swaps}  # fmt: skip
     assert dirs == {0, 1}
 
 
@@ -444,7 +444,7 @@ def test_dry_run_changes_nothing(root: Path) -> None:
 
 
 def test_second_compaction_is_refused(root: Path) -> None:
-    with _lake_lock(root), pytest.raises(CompactBusy, match="another compaction"):
+    with lake_lock(root), pytest.raises(CompactBusy, match="another compaction"):
         compact(root, BIG, now_ms=LATER)
 
 
@@ -453,17 +453,17 @@ def test_record_conflict_leaves_the_listing(root: Path, monkeypatch: pytest.Monk
     and the next run cleans up the orphaned merged files."""
     before = snapshot(root)
     files_before = sorted(listed_files(root, "events"))
-    real = append_compaction
+    real = append_rewrite
 
     def racing(lake_path: Any, record: CompactionRecord) -> Any:
-        raise CompactionConflict(record.topic, record.partition, record.seq)
+        raise RewriteConflict(record.topic, record.partition, record.seq)
 
-    monkeypatch.setattr("meter.compact.append_compaction", racing)
-    with pytest.raises(CompactionConflict):
+    monkeypatch.setattr("meter.compact.append_rewrite", racing)
+    with pytest.raises(RewriteConflict):
         compact(root, BIG, now_ms=LATER)
     assert sorted(listed_files(root, "events")) == files_before
     check_consistent(root, before)
-    monkeypatch.setattr("meter.compact.append_compaction", real)
+    monkeypatch.setattr("meter.compact.append_rewrite", real)
     report = compact(root, BIG, now_ms=LATER)
     assert report.orphans_removed > 0
     check_consistent(root, before)
@@ -696,7 +696,7 @@ def test_rollups_equal_raw_totals_across_compaction_and_a_crash(root: Path) -> N
 
     with pytest.raises(Crash):
         compact(root, BIG, now_ms=LATER, checkpoint=crash_at_third_output)
-    assert len(load_files(root, TOPIC, 0).compactions) == 1
+    assert len(load_files(root, TOPIC, 0).rewrites) == 1
     check()
     compact(root, BIG, now_ms=LATER)
     check()
