@@ -3,7 +3,8 @@
 Checks, each reported as findings (an error fails the audit, a warning does not):
 
 1. **chain**: every Kafka partition's manifest entries are contiguous, without gap or
-   overlap, and its compaction records apply (`meter.manifest.load_files`).
+   overlap, and its rewrite records (compactions, restatements) apply
+   (`meter.manifest.load_files`).
 2. **file**: every listed file exists, has the bytes and rows its record says, the
    schema of its kind, and the sha256 the audit recorded the first time it saw it
    (the ledger ``_meter/audit/sha256.json``: the manifest holds no checksum, so an
@@ -12,11 +13,14 @@ Checks, each reported as findings (an error fails the audit, a warning does not)
    compacted files count too) have the entry's accepted and rejected counts, token sums,
    exact cost, unpriced count and reject reasons; every consumed message has a row;
    no row lies outside every entry; each row sits in its event-time (or arrival-date)
-   partition.
-4. **unlisted**: every file under LAKE (but ``_meter``) is listed, a compaction-retired
-   file, or a rollup or flags file its record lists. Files of a flush or compaction in
-   flight (named by an intent) or of a rollup run in progress, hidden temp files and
-   unlisted flags files are warnings; anything else, and any symlink, is an error: a
+   partition. Restated costs (`meter.reprice`): a listed restated file holds the cost
+   and unpriced count its record says, and the entries whose offsets were restated hold,
+   together, their entries' cost plus every restatement's difference (new - old).
+4. **unlisted**: every file under LAKE (but ``_meter``) is listed, a retired file
+   (replaced by a compaction or restatement), or a rollup or flags file its record
+   lists. Files of a flush, compaction or restatement in flight (named by an intent)
+   or of a rollup run in progress, hidden temp files and unlisted flags files are
+   warnings; anything else, and any symlink, is an error: a
    stray file is never counted, but it should not be there.
 5. **rollup**: every rollup record's files are whole (rows, bytes, sha256), and every
    partition whose record is up to date equals a fresh aggregation of the raw events
@@ -56,6 +60,8 @@ from meter.manifest import (
     ManifestEntry,
     ManifestError,
     PartitionFiles,
+    Restatement,
+    RestatementRecord,
     list_partitions,
     load_files,
 )
@@ -100,8 +106,8 @@ class Finding:
 
 #: What an audit counts, in report order.
 COUNTS: Final = (
-    "partitions", "entries", "compactions", "messages", "files", "bytes", "hashed", "hashes_new",
-    "event_rows", "dlq_rows", "rollup_partitions", "rollup_rows", "rollup_stale", "walked",
+    "partitions", "entries", "compactions", "restatements", "messages", "files", "bytes", "hashed",
+    "hashes_new", "event_rows", "dlq_rows", "rollup_partitions", "rollup_rows", "rollup_stale", "walked",
 )  # fmt: skip
 
 
@@ -134,7 +140,7 @@ class AuditReport:
         lines = [
             f"meter audit of {self.lake}",
             f"  manifest  {c('partitions', 0)} partitions, {c('entries', 0)} entries, "
-            f"{c('compactions', 0)} compaction records",
+            f"{c('compactions', 0)} compaction and {c('restatements', 0)} restatement records",
             f"  files     {c('files', 0)} listed, {c('bytes', 0):,} bytes, "
             f"{c('hashed', 0)} hashed ({c('hashes_new', 0)} first seen)",
             f"  rows      {c('event_rows', 0):,} events, {c('dlq_rows', 0):,} DLQ rows, "
@@ -204,7 +210,9 @@ class _Audit:
             self.partitions.append(pf)
             self.report.count("partitions")
             self.report.count("entries", len(pf.state.entries))
-            self.report.count("compactions", len(pf.rewrites))
+            restated = sum(isinstance(r, RestatementRecord) for r in pf.rewrites)
+            self.report.count("compactions", len(pf.rewrites) - restated)
+            self.report.count("restatements", restated)
             self.report.count("messages", sum(e.messages for e in pf.state.entries))
 
     def files(self) -> None:
@@ -348,10 +356,13 @@ class _Audit:
         got_dlq: dict[tuple[str, int, int], dict[str, int]] = {}
         placed: dict[str, list[Any]] = {}  # filename -> [rows, min, max]
         outside: dict[str, int] = {}
+        file_costs: dict[str, list[Any]] = {}  # filename -> [cost, unpriced]
         n_sums = 1 + len(TOKEN_COLUMNS) + 2
         for filename, ok, t, p, s, *row in self._query_files(events_sql, ev_paths):
             lo, hi = row[n_sums:]
             _place(placed, filename, row[0], lo, hi)
+            fc = file_costs.setdefault(filename, [None, 0])
+            fc[0], fc[1] = _add(fc[0], row[n_sums - 2]), fc[1] + row[n_sums - 1]
             if not ok:
                 outside[filename] = outside.get(filename, 0) + row[0]
                 continue
@@ -385,13 +396,58 @@ class _Audit:
             )
             offsets = {(t, p, s): n for t, p, s, n in self.con.sql(offsets_sql).fetchall()}
         damaged = {(parse_rel_path(r).topic, parse_rel_path(r).partition) for r in self._bad_listed()}
+        restated = {e_key(e) for pf in self.partitions for e in _restated_entries(pf)}
         for e in entries:
             if (e.topic, e.partition) in damaged:
                 continue  # its file errors say it already; sums over what is left would only echo them
             self._check_entry(
-                e, got_events.get(e_key(e)), got_dlq.get(e_key(e), {}), offsets.get(e_key(e), 0)
+                e,
+                got_events.get(e_key(e)),
+                got_dlq.get(e_key(e), {}),
+                offsets.get(e_key(e), 0),
+                costs=e_key(e) not in restated,
             )
+        by_rel = {rel[f]: fc for f, fc in file_costs.items()}
+        for pf in self.partitions:
+            if (pf.state.topic, pf.state.partition) not in damaged:
+                self._check_restated(pf, got_events, by_rel)
         self.con.unregister("entries")
+
+    def _check_restated(
+        self,
+        pf: PartitionFiles,
+        got: Mapping[tuple[str, int, int], list[Any]],
+        by_rel: Mapping[str, list[Any]],
+    ) -> None:
+        """A listed restated file holds its record's new cost; the restated entries hold,
+        together, their entries' cost plus every restatement's difference."""
+        records = [r for r in pf.rewrites if isinstance(r, RestatementRecord)]
+        if not records:
+            return
+        live = {f.path for f in pf.live}
+        latest: dict[str, Restatement] = {f.file.path: f for r in records for f in r.files}
+        for path, r in sorted(latest.items()):
+            if path not in live or path not in self.good_files:
+                continue
+            cost, unpriced = by_rel.get(path, [None, 0])
+            if (cost or Decimal(0)) != Decimal(r.new_cost_usd) or unpriced != r.new_unpriced:
+                self.report.add(
+                    "error", "rows", path, f"cost_usd sum {cost} with {unpriced} unpriced rows, its "
+                    f"restatement record says {r.new_cost_usd} with {r.new_unpriced}"
+                )  # fmt: skip
+        entries = _restated_entries(pf)
+        n_cost = 1 + len(TOKEN_COLUMNS)
+        held = sum((got[e_key(e)][n_cost] or Decimal(0) for e in entries if e_key(e) in got), Decimal(0))
+        held_unpriced = sum(got[e_key(e)][n_cost + 1] for e in entries if e_key(e) in got)
+        want = sum((e.cost for e in entries), Decimal(0)) + sum((r.cost_change for r in records), Decimal(0))
+        want_unpriced = sum(e.unpriced for e in entries) + sum(r.unpriced_change for r in records)
+        if held != want or held_unpriced != want_unpriced:
+            s = pf.state
+            self.report.add(
+                "error", "rows", f"{s.topic}[{s.partition}] restated entries",
+                f"cost_usd sum {held} with {held_unpriced} unpriced rows; entries plus restatements "
+                f"say {want} with {want_unpriced}",
+            )  # fmt: skip
 
     def _bad_listed(self) -> list[str]:
         return [f.path for pf in self.partitions for f in pf.live if f.path not in self.good_files]
@@ -412,8 +468,10 @@ class _Audit:
                 self.report.add("error", "rows", path, f"rows from {lo} to {hi} are outside its partition")
 
     def _check_entry(
-        self, e: ManifestEntry, ev: list[Any] | None, reasons: dict[str, int], offsets: int
+        self, e: ManifestEntry, ev: list[Any] | None, reasons: dict[str, int], offsets: int, *, costs: bool
     ) -> None:
+        """An entry's rows against its totals; ``costs=False`` for a restated entry, whose
+        cost `_check_restated` checks with its partition's restatements."""
         where = f"{e.topic}[{e.partition}] {e.start}..{e.end}"
         accepted = ev[0] if ev else 0
         tokens = dict(zip(TOKEN_COLUMNS, ev[1 : 1 + len(TOKEN_COLUMNS)], strict=True)) if ev else {}
@@ -428,9 +486,9 @@ class _Audit:
         for t in TOKEN_COLUMNS:
             if tokens.get(t, 0) != e.tokens[t]:
                 problems.append(f"{t} sum {tokens.get(t, 0)}, entry says {e.tokens[t]}")
-        if (cost if cost is not None else Decimal(0)) != Decimal(e.cost_usd):
+        if costs and (cost if cost is not None else Decimal(0)) != Decimal(e.cost_usd):
             problems.append(f"cost_usd sum {cost}, entry says {e.cost_usd}")
-        if unpriced != e.unpriced:
+        if costs and unpriced != e.unpriced:
             problems.append(f"{unpriced} unpriced rows, entry says {e.unpriced}")
         if offsets != e.messages:
             problems.append(f"rows hold {offsets} distinct offsets, entry consumed {e.messages} messages")
@@ -616,6 +674,17 @@ class _Audit:
                     f"fresh aggregation (first at {first})",
                 )  # fmt: skip
         self.con.execute("DROP TABLE fresh_minute")
+
+
+def _restated_entries(pf: PartitionFiles) -> list[ManifestEntry]:
+    """Entries of ``pf`` whose offsets a restatement rewrote (a file's name gives its range)."""
+    ranges = [
+        (p.start, p.end)
+        for r in pf.rewrites
+        if isinstance(r, RestatementRecord)
+        for p in (parse_rel_path(f.file.path) for f in r.files)
+    ]
+    return [e for e in pf.state.entries if any(lo < e.end and e.start < hi for lo, hi in ranges)]
 
 
 def _partition_of(rel: str) -> tuple[str, int] | None:

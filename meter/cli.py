@@ -393,9 +393,12 @@ def _add_reprice(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "reprice",
-        help="what stored usage would cost under another catalog, per group",
+        help="what stored usage would cost under another catalog, per group; --apply restates it",
         description="Price every listed event in the range again with another catalog (at "
-        "its event time) and compare with its stored cost, per group. The lake is not changed.",
+        "its event time) and compare with its stored cost, per group. The lake is not changed, "
+        "unless --apply: then every listed events file with a changed cost is replaced by a new "
+        "version priced with the catalog, atomically with the manifest (old and new cost are "
+        "both recorded), and the rollups are rebuilt.",
     )
     p.add_argument("--lake", required=True, metavar="PATH", help="the lake directory")
     p.add_argument("--catalog", required=True, metavar="FILE", help="the catalog to price with")
@@ -418,7 +421,14 @@ def _add_reprice(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--apply",
         action="store_true",
-        help="restate stored costs as new file versions (not available yet: see docs/analytics.md)",
+        help="WRITES: restate the stored costs of the range with FILE's prices (see docs/analytics.md)",
+    )
+    p.add_argument(
+        "--delete-after-minutes",
+        type=float,
+        default=15.0,
+        metavar="M",
+        help="--apply: keep replaced files this long for queries still reading them (default 15)",
     )
     p.set_defaults(func=_reprice)
 
@@ -426,42 +436,53 @@ def _add_reprice(sub: argparse._SubParsersAction) -> None:
 def _reprice(args: argparse.Namespace) -> int:
     import duckdb
 
+    from meter.compact import CompactError
     from meter.manifest import ManifestError
-    from meter.pricing import CatalogError, load_catalog, parse_instant_ms
+    from meter.pricing import CatalogError, parse_instant_ms
     from meter.query import write_result
-    from meter.reprice import reprice
+    from meter.reprice import load_catalog_file, reprice, restate
 
-    if args.apply:
-        print(
-            "meter reprice: --apply is not available yet: restating costs needs a manifest record "
-            "that replaces a file by a new version of it (see docs/analytics.md); nothing was changed",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     by = [k.strip() for k in args.by.split(",") if k.strip()]
     try:
-        catalog = load_catalog(args.catalog)
-    except CatalogError as error:
+        catalog, ref = load_catalog_file(args.catalog)
+    except (CatalogError, OSError) as error:
         print(f"meter reprice: {error}", file=sys.stderr)
         return EXIT_USAGE
     start = parse_instant_ms(args.start) if args.start else None
     end = parse_instant_ms(args.end) if args.end else None
     try:
         result = reprice(args.lake, catalog, start_ms=start, end_ms=end, by=by)
-    except (ManifestError, duckdb.Error) as error:
+        applied = (
+            restate(
+                args.lake,
+                catalog,
+                ref,
+                start_ms=start,
+                end_ms=end,
+                delete_grace_s=args.delete_after_minutes * 60,
+            )
+            if args.apply
+            else None
+        )
+    except (ManifestError, CompactError, duckdb.Error) as error:
         print(f"meter reprice: {error}", file=sys.stderr)
         return EXIT_REJECTED
     fmt = args.format or ("table" if sys.stdout.isatty() else "csv")
-    if fmt != "table" or not by:
-        write_result(result.table if by else result.total, sys.stdout, fmt, max_rows=args.max_rows or None)
-        return EXIT_OK
-    write_result(result.table, sys.stdout, fmt, max_rows=args.max_rows or None)
-    total = result.total.to_pylist()[0]
-    print(
-        f"total over {result.files} files: {total['events']} events, stored {total['stored_cost_usd']} USD, "
-        f"new {total['new_cost_usd']} USD, difference {total['difference_usd']} USD "
-        f"({catalog.source}, as of {catalog.as_of})"
-    )
+    write_result(result.table if by else result.total, sys.stdout, fmt, max_rows=args.max_rows or None)
+    if fmt == "table" and by:
+        total = result.total.to_pylist()[0]
+        print(
+            f"total over {result.files} files: {total['events']} events, stored {total['stored_cost_usd']} "
+            f"USD, new {total['new_cost_usd']} USD, difference {total['difference_usd']} USD "
+            f"({catalog.source}, as of {catalog.as_of})"
+        )
+    if applied is not None:
+        print(
+            f"restated {applied.files} files ({applied.records} records): {applied.changed_events} of "
+            f"{applied.events} events changed, old {applied.old_cost_usd} USD, new {applied.new_cost_usd} "
+            f"USD, difference {applied.difference_usd} USD; rollups {applied.rollups}",
+            file=sys.stdout if fmt == "table" else sys.stderr,
+        )
     return EXIT_OK
 
 
