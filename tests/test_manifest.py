@@ -15,11 +15,17 @@ import pytest
 
 from meter import lake
 from meter.manifest import (
+    CatalogRef,
+    CompactionRecord,
     FileRecord,
     ManifestConflict,
     ManifestCorrupt,
     ManifestEntry,
+    Replacement,
+    Restatement,
+    RestatementRecord,
     append_entry,
+    apply_rewrites,
     entry_path,
     event_totals,
     format_cost,
@@ -27,6 +33,7 @@ from meter.manifest import (
     listed_files,
     load_partition,
     origin_path,
+    parse_rewrite,
     partition_dir,
     reject_counts,
     totals,
@@ -393,3 +400,120 @@ def test_end_to_end_flush_and_duckdb_view(tmp_path: Path) -> None:
     n, total = con.execute("SELECT count(*), sum(cost_usd) FROM events").fetchone()  # type: ignore[misc]
     assert n == totals(root).accepted == 3
     assert Decimal(total) == Decimal(totals(root).cost_usd) == Decimal("0.000000000003")
+
+
+# --- restatement records (pure) ---------------------------------------------------------------
+
+
+def _file(
+    start: int, end: int, version: int = 1, rows: int = 4, size: int = 100, hour: int = 0
+) -> FileRecord:
+    name = lake.data_file_name("usage.v1", 0, start, end, version)
+    return FileRecord(lake.events_rel_path("2026-01-01", hour, name), "events", rows, size)
+
+
+REF = CatalogRef("prices/corrected.toml", "ab" * 32)
+
+
+def restated(start: int = 0, end: int = 4, version: int = 1, **kw: Any) -> Restatement:
+    fields: dict[str, Any] = dict(
+        replaces=_file(start, end, version),
+        file=_file(start, end, version + 1, size=101),
+        old_cost_usd="1.000000000001",
+        new_cost_usd="0.9",
+        old_unpriced=1,
+        new_unpriced=0,
+        changed=2,
+    )
+    fields.update(kw)
+    return Restatement(**fields)
+
+
+def record(*files: Restatement, seq: int = 1, **kw: Any) -> RestatementRecord:
+    fields: dict[str, Any] = dict(
+        topic="usage.v1", partition=0, seq=seq, files=files or (restated(),), catalog=REF,
+        start_ms=None, end_ms=None, writer="ops@host/1", written_at_ms=5,
+    )  # fmt: skip
+    fields.update(kw)
+    return RestatementRecord(**fields)
+
+
+def test_restatement_record_round_trip_and_sums() -> None:
+    r = record(restated(), restated(4, 8), start_ms=10, end_ms=20)
+    data = r.to_json()
+    assert RestatementRecord.from_json(data) == r == parse_rewrite(data)
+    assert r.to_json() == data  # deterministic
+    assert r.cost_change == Decimal("-0.200000000002")  # exact: new - old per file, summed
+    assert r.unpriced_change == -2
+    assert [f.path for old, _ in r.swaps for f in old] == [r.files[0].replaces.path, r.files[1].replaces.path]
+    doc = orjson.loads(data)
+    assert doc["type"] == "restatement" and doc["catalog"] == {"name": REF.name, "sha256": REF.sha256}
+    assert doc["files"][0]["old_cost_usd"] == "1.000000000001" and doc["files"][0]["new_cost_usd"] == "0.9"
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: restated(file=_file(0, 4, 1)), "higher version"),
+        (lambda: restated(file=_file(0, 5, 2)), "offsets"),
+        (lambda: restated(file=_file(0, 4, 2, hour=1)), "directory"),
+        (lambda: restated(file=_file(0, 4, 2, rows=5)), "rows"),
+        (lambda: restated(new_cost_usd="-1"), "new_cost_usd"),
+        (lambda: restated(old_cost_usd="1e3"), "old_cost_usd"),
+        (lambda: restated(changed=0), "no row changed"),
+        (lambda: restated(new_unpriced=5), "new_unpriced"),
+        (lambda: restated(replaces=FileRecord(lake.dlq_rel_path("2026-01-01", lake.data_file_name(
+            "usage.v1", 0, 0, 4)), "dlq", 4, 1), file=FileRecord(lake.dlq_rel_path("2026-01-01",
+            lake.data_file_name("usage.v1", 0, 0, 4, 2)), "dlq", 4, 1)), "only events"),
+        (lambda: record(files=()), "no restated file"),
+        (lambda: record(restated(), restated()), "two replacements"),
+        (lambda: record(seq=0), "seq"),
+        (lambda: record(start_ms=5, end_ms=5), "start_ms"),
+        (lambda: record(start_ms="5"), "start_ms"),
+        (lambda: record(partition=1), "another partition"),
+        (lambda: CatalogRef("x", "AB" * 32), "sha256"),
+        (lambda: CatalogRef("", "ab" * 32), "name"),
+    ],
+)  # fmt: skip
+def test_restatement_validation(make: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.update(v=2),
+        lambda d: d.update(type="compaction"),
+        lambda d: d.pop("catalog"),
+        lambda d: d.update(start_ms=1.5),
+        lambda d: d["files"][0].update(changed="2"),
+        lambda d: d["files"][0].pop("old_cost_usd"),
+        lambda d: d["catalog"].update(sha256=None),
+    ],
+)
+def test_restatement_from_json_rejects_malformed(mutate: Any) -> None:
+    doc = orjson.loads(record().to_json())
+    mutate(doc)
+    with pytest.raises(ValueError):
+        RestatementRecord.from_json(orjson.dumps(doc))
+    with pytest.raises(ValueError, match="unknown rewrite record type"):
+        parse_rewrite(orjson.dumps({**doc, "type": "restatemint"}))
+
+
+def test_apply_rewrites_mixes_compactions_and_restatements() -> None:
+    @dataclasses.dataclass
+    class E:  # what apply_rewrites reads of an entry
+        files: tuple[FileRecord, ...]
+
+    a, b = _file(0, 4), _file(4, 8)
+    merged = _file(0, 8, rows=8)
+    first = CompactionRecord("usage.v1", 0, 1, (Replacement((a, b), merged),), "w", 10)
+    second = record(restated(0, 8, replaces=merged, file=_file(0, 8, 2, rows=8)), seq=2, written_at_ms=20)
+    live, retired = apply_rewrites([E((a, b))], [first, second])  # type: ignore[list-item]
+    assert live == (second.files[0].file,)
+    assert retired == ((a, 10), (b, 10), (merged, 20))
+    with pytest.raises(ManifestCorrupt, match="is or was listed already"):
+        apply_rewrites([E((a, b, second.files[0].file))], [first, second])  # type: ignore[list-item]
+    with pytest.raises(ManifestCorrupt, match="not listed"):
+        apply_rewrites([E((a, b))], [second])  # type: ignore[list-item]
