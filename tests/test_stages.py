@@ -515,14 +515,29 @@ def test_write_flush_of_only_rejects_or_only_events(tmp_path: Path) -> None:
     assert load_partition(lake, TOPIC, 0).position == 3
 
 
+def test_write_flush_dictionary_encodes_only_repeating_columns(tmp_path: Path) -> None:
+    lake = tmp_path / "lake"
+    entry = write_flush(str(lake), make_flush([event(i) for i in range(50)], 0, after=None), "w")
+    [events] = [f for f in entry.files if f.kind == "events"]
+    meta = pq.ParquetFile(lake / events.path).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+    for column in ("user", "team", "model", "kafka_topic", "kafka_partition"):
+        assert "RLE_DICTIONARY" in encodings[column], column
+    for column in ("event_id", "ts", "input_tokens", "cost_usd", "kafka_offset"):
+        assert "RLE_DICTIONARY" not in encodings[column], column
+
+
 # --- LakeWriter ----------------------------------------------------------------------------
 
 
-def test_lake_writer_forwards_durable_flushes_in_order_and_reports_conflicts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [1, 4])
+def test_lake_writer_forwards_durable_flushes_in_order_and_reports_conflicts(
+    tmp_path: Path, threads: int
+) -> None:
     lake = str(tmp_path / "lake")
     sink = Sink()
     conflicts: list[Flush] = []
-    writer = LakeWriter(sink, lake, "w", conflicts.append)
+    writer = LakeWriter(sink, lake, "w", conflicts.append, threads)
     try:
         flushes = [
             make_flush([event(1)], 0, after=None, partition=0),
@@ -547,6 +562,63 @@ def test_lake_writer_forwards_durable_flushes_in_order_and_reports_conflicts(tmp
     finally:
         writer.close()
     assert load_partition(lake, TOPIC, 0).position == 2
+
+
+def test_lake_writer_threads_keep_each_partitions_chain(tmp_path: Path) -> None:
+    """Many partitions written at once: each chain grows in order, entries forwarded in
+    the order submitted."""
+    lake = str(tmp_path / "lake")
+    sink = Sink()
+    writer = LakeWriter(sink, lake, "w", lambda f: pytest.fail(f"conflict on {f}"), threads=4)
+    try:
+        expected = []
+        for round_ in range(6):
+            for partition in range(5):
+                after = None if round_ == 0 else 2 * round_
+                writer.submit(
+                    make_flush([event(round_), event(round_ + 100)], 2 * round_, after, partition=partition)
+                )
+                expected.append((partition, 2 * round_, 2 * round_ + 2))
+        writer.join()
+    finally:
+        writer.close()
+    assert [(d.entry.partition, d.entry.start, d.entry.end) for d in sink.items] == expected
+    for partition in range(5):
+        state = load_partition(lake, TOPIC, partition)
+        assert [(e.start, e.end) for e in state.entries] == [(2 * r, 2 * r + 2) for r in range(6)]
+
+
+def test_lake_writer_does_not_write_behind_a_failed_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush that failed (disk full, say) stops the later flushes of its partition, which
+    build on its end; other partitions are written."""
+    import meter.stages as stages
+
+    real = stages.write_flush
+
+    def failing(lake: str, flush: Flush, writer_id: str) -> ManifestEntry:
+        if (flush.partition, flush.start) == (0, 1):
+            raise OSError(28, "No space left on device")
+        return real(lake, flush, writer_id)
+
+    monkeypatch.setattr(stages, "write_flush", failing)
+    lake = str(tmp_path / "lake")
+    sink = Sink()
+    writer = LakeWriter(sink, lake, "w", lambda f: pytest.fail(f"conflict on {f}"), threads=3)
+    try:
+        for start, after in ((0, None), (1, 1), (2, 2)):
+            writer.submit(make_flush([event(start)], start, after, partition=0))
+            writer.submit(make_flush([event(start)], start, after, partition=1))
+        futures = [f for _, f in writer.in_flight]
+        with pytest.raises(OSError, match="No space"):
+            writer.join()
+    finally:
+        writer.close()
+    assert isinstance(futures[4].exception(), RuntimeError)  # partition 0 from offset 2
+    assert "earlier flush of usage[0] failed" in str(futures[4].exception())
+    assert [(e.start, e.end) for e in load_partition(lake, TOPIC, 0).entries] == [(0, 1)]
+    assert [(e.start, e.end) for e in load_partition(lake, TOPIC, 1).entries] == [(0, 1), (1, 2), (2, 3)]
 
 
 # --- Committer -----------------------------------------------------------------------------
