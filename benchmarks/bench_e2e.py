@@ -208,7 +208,13 @@ def assigned_at(log: Path) -> float | None:
 
 
 def run_meter(
-    brokers: str, topic: str, events: int, processes: int, work: Path, kafka: dict[str, str]
+    brokers: str,
+    topic: str,
+    events: int,
+    processes: int,
+    work: Path,
+    kafka: dict[str, str],
+    extra: Sequence[str] = (),
 ) -> Run:
     from meter.manifest import list_partitions, load_partition
 
@@ -243,6 +249,7 @@ def run_meter(
         ]
         for key, value in kafka.items():
             cmd += ["--kafka", f"{key}={value}"]
+        cmd += extra
         with open(log, "wb") as out:
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env()))
         logs.append(log)
@@ -350,7 +357,8 @@ def bench(
                 if mode in ("naive", "bare"):
                     run = run_naive(brokers, topic, summary.events, work, kafka, bare=mode == "bare")
                 else:
-                    run = run_meter(brokers, topic, summary.events, 1 if mode == "meter" else 2, work, kafka)
+                    processes = 1 if mode == "meter" else 2
+                    run = run_meter(brokers, topic, summary.events, processes, work, kafka, args.meter_arg)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             run.per_message = per_message
@@ -400,6 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--kafka", action="append", default=[], metavar="KEY=VALUE", help="consumer setting")
+    parser.add_argument(
+        "--meter-arg", action="append", default=[], metavar="ARG", help="extra `meter run` argument (repeat)"
+    )
     parser.add_argument("--workdir", default=None, help="where lakes go (default: the system temp dir)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -3,7 +3,7 @@
     Kafka consume batch
       -> ParseAndPrice   compiled parser, catalog price at event time, provenance columns
       -> Buffer          per partition, until max events / bytes / age
-      -> LakeWriter      intent, Parquet files, manifest entry (background thread)
+      -> LakeWriter      intent, Parquet files, manifest entry (background threads)
       -> Committer       Kafka offsets after the manifest entry is durable; metrics
 
 Steps are built inside out, each handed the next. Partitions resume from the lake's
@@ -116,7 +116,9 @@ class Pipeline:
         self.held: set[TP] = set()  # partitions held by the offset alarm: backpressure never resumes them
         dlq = DlqForwarder(config.dlq_topic, config.producer_settings()) if config.dlq_topic else None
         self.committer = Committer(self.consumer, config.commit_interval_s, dlq=dlq)
-        self.writer = LakeWriter(self.committer, config.lake, self.writer_id, self._on_conflict)
+        self.writer = LakeWriter(
+            self.committer, config.lake, self.writer_id, self._on_conflict, config.writer_threads
+        )
         self.buffer = Buffer(
             self.writer,
             self.positions,

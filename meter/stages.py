@@ -401,26 +401,44 @@ def write_flush(lake: str, flush: Flush, writer: str) -> ManifestEntry:
 
 
 class LakeWriter(Terminal[Flush]):
-    """Writes flushes on one background thread (pyarrow releases the GIL while writing),
-    in submission order, and forwards each as Durable once its manifest entry is on disk."""
+    """Writes flushes on background threads (pyarrow releases the GIL while encoding, and
+    a thread waiting on fsync holds no CPU), and forwards each as Durable once its manifest
+    entry is on disk, in submission order.
+
+    Flushes of different partitions are written at once, up to ``threads``; those of one
+    partition one after the other, since each entry builds on the previous one's end.
+    """
 
     def __init__(
-        self, next_step: Step[Durable], lake: str, writer_id: str, on_conflict: Callable[[Flush], None]
+        self,
+        next_step: Step[Durable],
+        lake: str,
+        writer_id: str,
+        on_conflict: Callable[[Flush], None],
+        threads: int = 1,
     ):
         self.next_step = next_step
         self.lake = lake
         self.writer_id = writer_id
         self.on_conflict = on_conflict
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meter-writer")
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="meter-writer")
         self.in_flight: list[tuple[Flush, Future[ManifestEntry]]] = []
         # Per partition, the epoch of a flush that collided with another writer: every flush
         # of that epoch queued behind it builds on it and must not be written either.
         self.fenced: dict[TP, int] = {}
 
     def submit(self, flush: Flush) -> None:
-        self.in_flight.append((flush, self.executor.submit(self._write, flush)))
+        key = (flush.topic, flush.partition)
+        before = next(
+            (f for queued, f in reversed(self.in_flight) if (queued.topic, queued.partition) == key), None
+        )
+        self.in_flight.append((flush, self.executor.submit(self._write, flush, before)))
 
-    def _write(self, flush: Flush) -> ManifestEntry:
+    def _write(self, flush: Flush, before: Future[ManifestEntry] | None) -> ManifestEntry:
+        if before is not None:  # queued earlier on this FIFO pool: it runs or ran, never waits on us
+            error = before.exception()
+            if error is not None and not isinstance(error, ManifestConflict):
+                raise RuntimeError(f"an earlier flush of {flush.topic}[{flush.partition}] failed") from error
         key = (flush.topic, flush.partition)
         if flush.epoch <= self.fenced.get(key, -1):
             raise ManifestConflict(flush.topic, flush.partition, flush.start, "a fenced earlier entry")
