@@ -9,14 +9,17 @@ oldest generation goes early, and `effective_window_s` says how far back dedup r
 
 Durable marks are the lake itself: when a partition is taken (or reloaded after a manifest
 conflict), its set is rebuilt from the event ids of the manifest entries written within the
-window. Ids of rows still in the buffer are held in memory too, so a retry arriving before
-the original is flushed is caught as well; every failure path (crash, conflict, lost
-partition) throws memory away and rebuilds from the lake, so an id is never remembered for
-an event that did not reach the lake (the trap of marking before the durable write).
+window, read from the event files the partition lists now (a compaction or restatement may
+have replaced, and deleted, the files an entry names). Ids of rows still in the buffer are
+held in memory too, so a retry arriving before the original is flushed is caught as well;
+every failure path (crash, conflict, lost partition) throws memory away and rebuilds from
+the lake, so an id is never remembered for an event that did not reach the lake (the trap
+of marking before the durable write).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -28,8 +31,8 @@ import pyarrow.parquet as pq
 
 from meter import reasons as R
 from meter._dedup import IdSet
-from meter.lake import abs_path
-from meter.manifest import load_partition
+from meter.lake import KIND_EVENTS, abs_path, parse_rel_path
+from meter.manifest import load_files
 from meter.stages import TP, Rows, Step, Terminal
 
 log = logging.getLogger("meter.dedup")
@@ -147,15 +150,37 @@ class Dedup(Terminal[Rows]):
         since_ms = (self.clock() - self.window_s) * 1000
         window = _Window()
         ids = window.newest(self.clock(), self.step_s, self.generation_ids)
-        for entry in load_partition(self.lake, *tp).entries:
-            if entry.written_at_ms < since_ms:
-                continue
-            for record in entry.files:
-                if record.kind == "events":
-                    column = pq.read_table(abs_path(self.lake, record.path), columns=["event_id"]).column(0)
-                    ids.add(column.combine_chunks(), bytearray(len(column)))
+        try:
+            self._read_recent(tp, since_ms, ids)
+        except FileNotFoundError:
+            # a rewrite deleted a listed file after a later record retired it: list again
+            # (ids already added are marked, not added twice)
+            self._read_recent(tp, since_ms, ids)
         self.windows[tp] = window
         return window
+
+    def _read_recent(self, tp: TP, since_ms: float, ids: IdSet) -> None:
+        """Add the ids of the listed event files that hold offsets of an entry written
+        since ``since_ms``; a merged file also brings older ids, which were counted too."""
+        pf = load_files(self.lake, *tp)
+        starts: list[int] = []
+        ends: list[int] = []
+        for e in pf.state.entries:
+            if e.written_at_ms < since_ms:
+                continue
+            if ends and ends[-1] == e.start:
+                ends[-1] = e.end  # the chain is contiguous: recent entries form few runs
+            else:
+                starts.append(e.start)
+                ends.append(e.end)
+        for f in pf.live:
+            if f.kind != KIND_EVENTS:
+                continue
+            p = parse_rel_path(f.path)
+            i = bisect.bisect_left(ends, p.start + 1)  # the first run ending after the file starts
+            if i < len(starts) and starts[i] < p.end:
+                column = pq.read_table(abs_path(self.lake, f.path), columns=["event_id"]).column(0)
+                ids.add(column.combine_chunks(), bytearray(len(column)))
 
     def forget(self, partitions: Iterable[TP]) -> None:
         for tp in partitions:

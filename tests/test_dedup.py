@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,7 +11,9 @@ import pytest
 from meter._dedup import IdSet
 
 from meter import reasons as R
+from meter.compact import CompactPolicy, compact
 from meter.dedup import Dedup
+from meter.manifest import PartitionFiles, load_files
 from meter.pricing import load_catalog
 from meter.schema import DEFAULT_LATENESS_MS
 from meter.stages import Chunk, Flush, ParseAndPrice, Rows, write_flush
@@ -199,3 +202,50 @@ class TestDedupStep:
         restarted, sink2 = dedup(lake, Clock(now=time.time() + 3600), window_s=60)
         restarted.submit(rows_of([event(1)], first_offset=1))
         assert sink2.items[0].dlq.num_rows == 0
+
+    def test_ids_come_back_from_the_files_listed_after_a_compaction_deleted_the_flushed_ones(
+        self, tmp_path: Path
+    ) -> None:
+        lake, clock = flushed_then_compacted(tmp_path)
+        [merged] = [f for f in load_files(lake, TOPIC, 0).live if f.kind == "events"]
+        assert merged.rows == 3
+        assert_every_id_is_back(lake, clock)
+
+    def test_a_listing_whose_file_a_rewrite_deleted_meanwhile_is_taken_again(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        stale: list[PartitionFiles] = []
+        lake, clock = flushed_then_compacted(tmp_path, before=stale.append)
+        listings = iter([stale[0], load_files(lake, TOPIC, 0)])
+        monkeypatch.setattr("meter.dedup.load_files", lambda *_: next(listings))
+        assert_every_id_is_back(lake, clock)
+
+
+def flushed_then_compacted(
+    tmp_path: Path, before: Callable[[PartitionFiles], None] = lambda _: None
+) -> tuple[Path, Clock]:
+    """A lake of two flushes (ids e-1, e-2, then e-3) whose event files a compaction merged,
+    then deleted at once (no deletion grace); ``before`` sees the listing before it."""
+    lake = tmp_path / "lake"
+    clock = Clock(now=time.time())
+    step, sink = dedup(lake, clock)
+    for start, after, ids in ((0, None, [1, 2]), (2, 2, [3])):
+        step.submit(rows_of([event(i) for i in ids], first_offset=start))
+        rows = sink.items[-1]
+        write_flush(
+            str(lake),
+            Flush(TOPIC, 0, start, after, start + len(ids), 0, len(ids), rows.events, rows.dlq),
+            "t",
+        )
+    before(load_files(lake, TOPIC, 0))
+    report = compact(lake, CompactPolicy(grace_s=0, delete_grace_s=0), now_ms=NOW_MS + 10 * 3_600_000)
+    assert (report.files_replaced, report.retired_deleted) == (2, 2)
+    return lake, clock
+
+
+def assert_every_id_is_back(lake: Path, clock: Clock) -> None:
+    restarted, sink = dedup(lake, clock)
+    restarted.submit(rows_of([event(1), event(3), event(4)], first_offset=3))
+    [rows] = sink.items
+    assert rows.dlq.column("reason").to_pylist() == [R.DUPLICATE_EVENT] * 2
+    assert rows.events.column("event_id").to_pylist() == ["e-4"]
