@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Context, Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -347,6 +347,18 @@ def _keys(table: pa.Table, names: Sequence[str]) -> list[tuple[str, ...]]:
     return list(zip(*columns, strict=True)) if columns else [()] * table.num_rows
 
 
+#: Per-flush sums of the usage families: events, cost, each token bucket.
+_SUMS: Final[list[tuple[Any, ...]]] = [
+    ([], "count_all"),
+    ("cost_usd", "sum"),
+    *((c, "sum") for c in TOKEN_COLUMNS),
+]
+_SUMMED: Final = ("count_all", "cost_usd_sum", *(f"{c}_sum" for c in TOKEN_COLUMNS))
+#: Pending flush sums are folded into the series this often, or at this many label-set rows.
+_FOLD_EVERY_S: Final = 1.0
+_FOLD_ROWS: Final = 200_000
+
+
 class Usage:
     """The usage (KPI) families, read at scrape time.
 
@@ -384,6 +396,9 @@ class Usage:
         if self.budget < len(BUCKETS):
             raise ValueError(f"series budget must be at least {len(BUCKETS)}, got {self.budget}")
         self.labels = labels
+        self._pending: list[tuple[pa.Table, pa.Table | None]] = []  # per flush: sums, unpriced by model
+        self._pending_rows = 0
+        self._pending_since = self._pending_last = 0.0
         usage = (("meter_usage_events_total", ""), ("meter_usage_cost_usd_total", ""))
         tokens = [("meter_usage_tokens_total", f'bucket="{b}"') for b in BUCKETS]
         self.table = SeriesTable(labels, usage, self.budget, self.ttl_s)
@@ -406,53 +421,71 @@ class Usage:
                 table.ttl_s = ttl_s
 
     def add(self, events: pa.Table) -> None:
-        """Add the accepted event rows of one durable flush (schema LAKE_EVENTS)."""
+        """Add the accepted event rows of one durable flush (schema LAKE_EVENTS).
+
+        The rows are summed per label set here (in Arrow), but folded into the series only
+        at most once a second and before every read: a flush holds a few thousand label
+        sets, each a Python step, and the daemon writes many flushes a second.
+        """
         if events.num_rows == 0:
             return
-        aggregates: list[tuple[Any, ...]] = [
-            ([], "count_all"),
-            ("cost_usd", "sum"),
-            *((c, "sum") for c in TOKEN_COLUMNS),
-        ]
         with self._lock:
-            tables, names = self._tables(), list(self.labels)
-        if names:
-            groups = events.group_by(names, use_threads=False).aggregate(aggregates)
-        else:
-            groups = pa.table(
-                {
-                    "count_all": [events.num_rows],
-                    "cost_usd_sum": pa.array([pc.sum(events["cost_usd"]).as_py()], events["cost_usd"].type),
-                    **{f"{c}_sum": [pc.sum(events[c]).as_py() or 0] for c in TOKEN_COLUMNS},
-                }
-            )
-        keys = _keys(groups, names)
-        counts = groups["count_all"].to_pylist()
-        costs = [usd_units(v) for v in groups["cost_usd_sum"].to_pylist()]
-        tokens = [groups[f"{c}_sum"].to_pylist() for c in TOKEN_COLUMNS]
-        unpriced_keys: list[tuple[str, ...]] = []
-        unpriced_counts: list[int] = []
+            names = self.labels
+        groups = events.group_by(list(names), use_threads=False).aggregate(_SUMS)
+        unpriced = None
         if events["cost_usd"].null_count:
             nulls = events.filter(pc.is_null(events["cost_usd"]))
-            by_model = nulls.group_by(["model"], use_threads=False).aggregate([([], "count_all")])
-            unpriced_keys = _keys(by_model, ["model"])
-            unpriced_counts = by_model["count_all"].to_pylist()
+            unpriced = nulls.group_by(["model"], use_threads=False).aggregate([([], "count_all")])
         with self._lock:
-            if self._tables() != tables:
+            if self.labels != names:
                 return  # `configure` started the families afresh with other labels meanwhile
-            usage, by_bucket, unpriced = tables
             now = self.clock()
-            for i, key in enumerate(keys):
-                values = usage.get(key, now).values
-                values[0] += counts[i]
-                values[1] += costs[i]
-                values = by_bucket.get(key, now).values
-                for j, column in enumerate(tokens):
-                    values[j] += column[i]
-            for key, count in zip(unpriced_keys, unpriced_counts, strict=True):
+            if self._pending and (
+                now - self._pending_since >= _FOLD_EVERY_S or self._pending_rows >= _FOLD_ROWS
+            ):
+                self._fold_pending()
+            if not self._pending:
+                self._pending_since = now
+            self._pending.append((groups, unpriced))
+            self._pending_rows += groups.num_rows
+            self._pending_last = now
+
+    def _fold_pending(self) -> None:
+        """Fold the pending sums into the series, as seen when the last of them was added
+        (the TTL's clock). Called with the lock held."""
+        if not self._pending:
+            return
+        names = list(self.labels)
+        groups = pa.concat_tables([g for g, _ in self._pending])
+        groups = groups.group_by(names, use_threads=False).aggregate([(c, "sum") for c in _SUMMED])
+        keys = _keys(groups, names)
+        counts = groups["count_all_sum"].to_pylist()
+        costs = [usd_units(v) for v in groups["cost_usd_sum_sum"].to_pylist()]
+        tokens = [groups[f"{c}_sum_sum"].to_pylist() for c in TOKEN_COLUMNS]
+        nulls = [u for _, u in self._pending if u is not None]
+        by_model = (
+            pa.concat_tables(nulls).group_by(["model"], use_threads=False).aggregate([("count_all", "sum")])
+            if nulls
+            else None
+        )
+        now = self._pending_last
+        self._pending.clear()
+        self._pending_rows = 0
+        usage, by_bucket, unpriced = self._tables()
+        for i, key in enumerate(keys):
+            values = usage.get(key, now).values
+            values[0] += counts[i]
+            values[1] += costs[i]
+            values = by_bucket.get(key, now).values
+            for j, column in enumerate(tokens):
+                values[j] += column[i]
+        if by_model is not None:
+            for key, count in zip(
+                _keys(by_model, ["model"]), by_model["count_all_sum"].to_pylist(), strict=True
+            ):
                 unpriced.get(key, now).values[0] += count
-            for table in tables:
-                table.sweep(now)
+        for table in self._tables():
+            table.sweep(now)
 
     # ------------------------------------------------------------ reading
 
@@ -471,6 +504,7 @@ class Usage:
     ) -> tuple[list[_Series], list[_Series], list[_Series], dict[str, tuple[int, int, int]]]:
         """Copies of the series and the cardinality figures, taken under the lock."""
         with self._lock:
+            self._fold_pending()
             now = self.clock()
             for table in self._tables():
                 table.sweep(now)
@@ -481,6 +515,7 @@ class Usage:
         """The usage families in the Prometheus text format (version 0.0.4), from each
         series' exposition prefix built once; holds the lock while it formats."""
         with self._lock:
+            self._fold_pending()
             now = self.clock()
             for table in self._tables():
                 table.sweep(now)

@@ -223,6 +223,7 @@ def test_label_sets_beyond_the_budget_fold_into_other_and_totals_stay_exact() ->
         for i in range(30)
     ]
     usage.add(events(rows))
+    usage.render()  # the flush is added in before a read
     usage.add(events(rows[:5]))  # admitted label sets keep their series
     s = samples(usage.render())
     for name in USAGE_FAMILIES:
@@ -239,7 +240,7 @@ def test_label_sets_beyond_the_budget_fold_into_other_and_totals_stay_exact() ->
         (("model", OTHER), ("org", OTHER), ("provider", OTHER), ("team", OTHER)): 6,
     }
     assert family(s, "meter_usage_folded_total")[(("family", "meter_usage_events_total"),)] == 12
-    # tokens: 2 exact label sets and __other__; counted once per flush a folded set is in
+    # tokens: 2 exact label sets and __other__; counted each time a folded set is added in
     assert family(s, "meter_usage_folded_total")[(("family", "meter_usage_tokens_total"),)] == 28 + 3
     assert family(s, "meter_usage_series")[(("family", "meter_usage_tokens_total"),)] == 18
     assert s[("meter_usage_series_budget", ())] == 20
@@ -302,6 +303,20 @@ def test_hundred_thousand_teams_stay_within_the_default_budget_with_exact_totals
     assert folded[(("family", M.UNPRICED_FAMILY),)] == 6000 - usage.unpriced.exact_capacity
     other_team = (("model", "claude-sonnet-4-5"), ("org", "acme"), ("provider", ""), ("team", OTHER))
     assert family(s, "meter_usage_events_total")[other_team] == 100_000 - usage.table.exact_capacity
+
+
+def test_flushes_are_added_in_at_most_once_a_second_and_before_every_read() -> None:
+    clock = Clock()
+    usage = Usage(clock=clock)
+    for step in range(10):  # ten flushes within a second: summed in Arrow, not yet in the series
+        usage.add(teams(step, 2))
+        clock.now += 0.1
+    assert usage.table.series == {}
+    clock.now += 0.05
+    usage.add(teams(100, 1))  # a second after the first: the ten are added in
+    assert sum(s.values[0] for s in usage.table.series.values()) == 20
+    assert usage.totals()["events"] == 21  # a read adds in the rest
+    assert usage.totals()["tokens"]["input_tokens"] == sum(range(11)) + sum(range(1, 10)) + 100
 
 
 def test_idle_label_sets_expire_after_the_ttl_and_free_their_slots() -> None:
