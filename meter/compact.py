@@ -60,6 +60,7 @@ from meter.lake import (
     is_temp_for,
     make_dirs,
     new_token,
+    parquet_options,
     parse_rel_path,
     temp_name,
     write_bytes_atomic,
@@ -381,7 +382,8 @@ def write_rows(
     checkpoint: Callable[[str], None],
     step: str,
 ) -> int:
-    """Write ``tables`` as one zstd Parquet file at ``rel``; readers never see it partial.
+    """Write ``tables`` as one Parquet file at ``rel`` the way the daemon writes its files
+    (`meter.lake.parquet_options`); readers never see it partial.
 
     Row groups of up to `ROW_GROUP_ROWS`, buffered a few inputs at a time, so memory
     stays bounded whatever the file size; ``checkpoint(step)`` once the first table is
@@ -393,9 +395,7 @@ def write_rows(
     tmp = final.with_name(temp_name(final.name, new_token()))
     try:
         with open(tmp, "xb") as f:
-            with pq.ParquetWriter(
-                f, schema, compression="zstd", coerce_timestamps="ms", allow_truncated_timestamps=False
-            ) as writer:
+            with pq.ParquetWriter(f, schema, **parquet_options(schema.names)) as writer:
                 pending: list[pa.Table] = []
                 pending_rows = pending_bytes = 0
                 for i, table in enumerate(tables):

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from meter import lake
@@ -371,6 +372,18 @@ def test_compact_merges_and_keeps_every_row(root: Path) -> None:
     # Nothing of a run is left in _meter/compact but the lock and the deletion marks.
     state = sorted(p.name for p in (root / "_meter" / "compact").rglob("*") if p.is_file())
     assert state == ["deleted.json", "deleted.json", "lock"]
+
+
+def test_merged_files_are_written_like_the_daemons(root: Path) -> None:
+    """`meter.lake.parquet_options`: zstd, dictionaries only on the columns whose values repeat."""
+    compact(root, BIG, now_ms=LATER)
+    for f in listed_records(root):
+        meta = pq.ParquetFile(lake.abs_path(root, f.path)).metadata.row_group(0)
+        for i in range(meta.num_columns):
+            column = meta.column(i)
+            assert column.compression == "ZSTD", column.path_in_schema
+            dictionary = "RLE_DICTIONARY" in column.encodings
+            assert dictionary == (column.path_in_schema in lake.DICTIONARY_COLUMNS), column.path_in_schema
 
 
 def test_partition_columns_after_compaction(root: Path) -> None:
