@@ -36,7 +36,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -79,6 +79,7 @@ from meter.rollup import (
     sql_list,
 )
 from meter.schema import DLQ, LAKE_EVENTS, TOKEN_COLUMNS
+from meter.totals import EXACT
 
 __all__ = [
     "LEDGER",
@@ -789,11 +790,12 @@ def audit(lake: LakePath, *, record: bool = True) -> AuditReport:
         raise FileNotFoundError(f"no lake directory at {os.fspath(lake)}")
     a = _Audit(root, record)
     try:
-        a.chains()
-        a.files()
-        a.rows()
-        known = a.rollups()
-        a.unlisted(known)
+        with localcontext(EXACT):  # cost sums of up to 38 digits: the default context rounds at 28
+            a.chains()
+            a.files()
+            a.rows()
+            known = a.rollups()
+            a.unlisted(known)
     finally:
         a.con.close()
     if not a.report.counts.get("partitions") and not a.corrupt:

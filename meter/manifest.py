@@ -35,7 +35,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Context, Decimal, Inexact, localcontext
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -55,6 +55,7 @@ from meter.lake import (
     temp_name,
 )
 from meter.schema import TOKEN_COLUMNS
+from meter.totals import EXACT
 from meter.totals import Totals as RowTotals
 
 __all__ = [
@@ -100,8 +101,6 @@ _ENTRY_RE = re.compile(r"(\d{20})\.json")
 _COST_RE = re.compile(r"\d+(\.\d+)?")
 _KINDS: Final = ("events", "dlq")
 _T = TypeVar("_T")
-#: Sums of costs are exact: far beyond decimal128(38, 12), and inexact results raise.
-_EXACT = Context(prec=200, traps=[Inexact])
 
 
 class ManifestError(Exception):
@@ -592,7 +591,7 @@ def totals(lake: LakePath) -> Totals:
     tokens = dict.fromkeys(TOKEN_COLUMNS, 0)
     restatements = [r for pf in loaded for r in pf.rewrites if isinstance(r, RestatementRecord)]
     cost = Decimal(0)
-    with localcontext(_EXACT):
+    with localcontext(EXACT):
         for e in entries:
             cost += Decimal(e.cost_usd)
         for rs in restatements:
@@ -878,7 +877,7 @@ class Restatement:
     @property
     def cost_change(self) -> Decimal:
         """new - old, exact."""
-        with localcontext(_EXACT):
+        with localcontext(EXACT):
             return Decimal(self.new_cost_usd) - Decimal(self.old_cost_usd)
 
     def to_dict(self) -> dict[str, object]:
@@ -954,7 +953,7 @@ class RestatementRecord:
     @property
     def cost_change(self) -> Decimal:
         """Σ (new - old) cost over the record's files, exact."""
-        with localcontext(_EXACT):
+        with localcontext(EXACT):
             return sum((f.cost_change for f in self.files), Decimal(0))
 
     @property

@@ -78,7 +78,7 @@ from meter.manifest import (
 )
 from meter.pricing import Catalog, CatalogError
 from meter.schema import COST_TYPE, EVENTS, TS_TYPE
-from meter.totals import Totals
+from meter.totals import EXACT, Totals
 
 __all__ = [
     "GROUP_KEYS",
@@ -340,14 +340,14 @@ class RestateReport:
 
     @property
     def difference_usd(self) -> Decimal:
-        return self.new_cost_usd - self.old_cost_usd
+        return EXACT.subtract(self.new_cost_usd, self.old_cost_usd)
 
     def add(self, r: Restatement) -> None:
         self.files += 1
         self.events += r.file.rows
         self.changed_events += r.changed
-        self.old_cost_usd += Decimal(r.old_cost_usd)
-        self.new_cost_usd += Decimal(r.new_cost_usd)
+        self.old_cost_usd = EXACT.add(self.old_cost_usd, Decimal(r.old_cost_usd))
+        self.new_cost_usd = EXACT.add(self.new_cost_usd, Decimal(r.new_cost_usd))
         self.old_unpriced += r.old_unpriced
         self.new_unpriced += r.new_unpriced
         self.restated.append(r.file.path)

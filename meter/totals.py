@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Context, Decimal, Inexact
 from typing import Any
 
 import pyarrow as pa
@@ -15,6 +15,9 @@ from meter.schema import TOKEN_COLUMNS
 
 #: One unit of cost_usd's decimal128(38, 12).
 COST_QUANTUM = Decimal("0.000000000001")
+#: Arithmetic on sums of costs: exact far beyond decimal128(38, 12) (the default context
+#: keeps 28 digits and rounds silently); an inexact result raises.
+EXACT = Context(prec=200, traps=[Inexact])
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Totals:
             self.unpriced += cost.null_count
             total = pc.sum(cost.cast(pa.decimal256(76, 12))).as_py()  # no overflow at 38 digits
             if total is not None:
-                self.cost_usd += total
+                self.cost_usd = EXACT.add(self.cost_usd, total)
 
     def add_rejects(self, reasons: Counter[str] | list[str]) -> None:
         self.rejects.update(reasons)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_compact import flush_tables
 from test_rollup import T0, TOPIC, SynthLake, assert_exact, build
 
 from meter import rollup as R
@@ -18,6 +20,7 @@ from meter.cli import main
 from meter.compact import CompactPolicy, compact
 from meter.lake import write_intent, write_parquet_atomic
 from meter.manifest import entry_path, listed_files, load_partition
+from meter.stages import Flush, write_flush
 
 
 @pytest.fixture
@@ -151,6 +154,21 @@ def test_entry_totals_that_lie(healthy: SynthLake) -> None:
     path.write_bytes(json.dumps(doc).encode())
     found = errors(healthy)
     assert any(c == "rows" and "cost_usd sum" in d for c, _, d in found), found
+
+
+def test_cost_sums_beyond_28_digits_are_exact(tmp_path: Path) -> None:
+    """One entry's cost in two files (two event hours), summed past the default decimal context."""
+    events, dlq = flush_tables(0, 0, 3, hours=2)  # offset 0 unpriced, 1 and 2 in different hours
+    costs = [None, Decimal("12345678901234567.123456789012"), Decimal("0.000000000001")]
+    events = events.set_column(
+        events.schema.get_field_index("cost_usd"),
+        "cost_usd",
+        pa.array(costs, events.schema.field("cost_usd").type),
+    )
+    entry = write_flush(os.fspath(tmp_path), Flush(TOPIC, 0, 0, None, 3, 0, 3, events, dlq), "test/1")
+    assert entry.cost_usd == "12345678901234567.123456789013" and len(entry.files) == 2
+    report = audit(tmp_path)
+    assert report.ok, report.render()
 
 
 def test_rollup_file_and_content_corruption(healthy: SynthLake) -> None:

@@ -38,7 +38,7 @@ from meter.manifest import (
     reject_counts,
     totals,
 )
-from meter.schema import DLQ, LAKE_EVENTS, TOKEN_COLUMNS
+from meter.schema import COST_TYPE, DLQ, LAKE_EVENTS, TOKEN_COLUMNS
 
 
 def ms(y: int, mo: int, d: int, h: int = 0, mi: int = 0, s: int = 0) -> int:
@@ -216,6 +216,16 @@ def test_event_totals_exact() -> None:
     assert unpriced == 1
     assert tokens == {k: 3 for k in TOKEN_COLUMNS}  # rows hold 0, 1, 2
     assert event_totals(table.slice(1, 1)) == ({k: 1 for k in TOKEN_COLUMNS}, "0", 1)
+
+
+def test_event_totals_exact_at_38_digits() -> None:
+    """Beyond the 28 digits Python's default decimal context keeps."""
+    table = events_table([ms(2026, 1, 1)] * 2)
+    costs = pa.array(
+        [Decimal("99999999999999999999999999.999999999999"), Decimal("0.000000000002")], COST_TYPE
+    )
+    table = table.set_column(table.schema.get_field_index("cost_usd"), "cost_usd", costs)
+    assert event_totals(table)[1] == "100000000000000000000000000.000000000001"
 
 
 def test_reject_counts() -> None:

@@ -26,6 +26,8 @@ from meter.audit import audit
 from meter.cli import main
 from meter.compact import CompactBusy, CompactPolicy, compact, compact_partition, lake_lock
 from meter.manifest import (
+    FileRecord,
+    Restatement,
     RestatementRecord,
     RewriteConflict,
     listed_records,
@@ -35,7 +37,7 @@ from meter.manifest import (
 )
 from meter.pricing import Catalog
 from meter.query import query
-from meter.reprice import RestateError, load_catalog_file, reprice, restate
+from meter.reprice import RestateError, RestateReport, load_catalog_file, reprice, restate
 from meter.schema import EVENTS
 
 HOUR = 3_600_000
@@ -143,6 +145,19 @@ def test_apply_restates_exactly(lake: SynthLake, other: Path) -> None:
     again = restate(root, catalog, ref, writer="test", delete_grace_s=900)
     assert (again.files, again.records, again.conflicts) == (0, 0, 0)
     assert listing(root) == files
+
+
+def test_report_sums_are_exact() -> None:
+    """Past the 28 digits of Python's default decimal context."""
+    old = FileRecord(L.events_rel_path("2026-01-01", 0, L.data_file_name(TOPIC, 0, 0, 1)), "events", 1, 10)
+    new = FileRecord(L.next_version_path(old.path), "events", 1, 10)
+    big = "99999999999999999999999999.999999999999"
+    report = RestateReport()
+    for old_cost, new_cost in ((big, "0.000000000001"), ("0.000000000001", big)):
+        report.add(Restatement(old, new, old_cost, new_cost, old_unpriced=0, new_unpriced=0, changed=1))
+    assert report.old_cost_usd == report.new_cost_usd == Decimal("100000000000000000000000000.000000000000")
+    assert report.difference_usd == 0
+    assert report.to_json()["old_cost_usd"] == "100000000000000000000000000.000000000000"
 
 
 def test_range_leaves_other_files_untouched(lake: SynthLake, other: Path) -> None:
