@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -51,6 +51,7 @@ from meter.lake import KIND_EVENTS, LakePath, abs_path, parse_rel_path
 from meter.manifest import listed_files
 from meter.metrics import DEFINITIONS
 from meter.query import allowed_paths, glob_escape, lockdown_sql, sql_string
+from meter.totals import EXACT
 
 __all__ = [
     "METRICS",
@@ -371,7 +372,7 @@ def _spend_of(lake: LakePath, rels: Sequence[str]) -> dict[str, dict[tuple[str, 
     out: dict[str, dict[tuple[str, str], Decimal]] = {}
     for scope, name, d, cost in rows:
         day = out.setdefault(d.isoformat(), {})
-        day[(scope, name)] = day.get((scope, name), Decimal(0)) + Decimal(cost)
+        day[(scope, name)] = EXACT.add(day.get((scope, name), Decimal(0)), Decimal(cost))
     return out
 
 
@@ -407,7 +408,8 @@ def status(
     for b in budgets:
         start, end = bounds[b.key]
         mine = {d: v for (scope, name, d), v in daily.items() if scope == b.scope and name == b.name}
-        spent = sum((v for d, v in mine.items() if start.date() <= d <= now.date()), Decimal(0))
+        with localcontext(EXACT):  # spend of up to 38 digits: the default context rounds at 28
+            spent = sum((v for d, v in mine.items() if start.date() <= d <= now.date()), Decimal(0))
         out.append(BudgetStatus(b, start, end, spent, forecast(spent, mine, now, start, end)))
     return out
 

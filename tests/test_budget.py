@@ -4,15 +4,19 @@ from events and from rollups (the same to the last digit), and the Prometheus ga
 from __future__ import annotations
 
 import datetime as dt
+import os
 from decimal import Decimal
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from prometheus_client import CollectorRegistry
 
 from meter import budget
 from meter.detect import PolicyError
-from meter.scenario import write_events
+from meter.scenario import events_table, write_events
+from meter.schema import DLQ
+from meter.stages import Flush, write_flush
 
 UTC = dt.UTC
 POLICY = """
@@ -155,6 +159,25 @@ def test_spend_is_exact_and_the_same_from_events_and_from_rollups(tmp_path: Path
     after = budget.daily_spend(lake, d0, d1)
     assert after[("team", "acme-ml", dt.date(2026, 3, 4))] == ada(4) + Decimal("3.000015")
     assert after == budget.daily_spend(lake, d0, d1, source="events")
+
+
+def test_spend_beyond_28_digits_is_exact(tmp_path: Path) -> None:
+    """Daily spend and period spend are summed past Python's default decimal context."""
+    big, small = Decimal("12345678901234567.123456789012"), Decimal("0.000000000001")
+    rows = [(1, big), (1, small), (2, small)]  # (day of March, cost)
+    events = events_table(
+        [{"ts": dt.datetime(2026, 3, d, 9, tzinfo=UTC), "user": "ada", "team": "acme-ml"} for d, _ in rows]
+    )
+    cost = pa.array([c for _, c in rows], events.schema.field("cost_usd").type)
+    events = events.set_column(events.schema.get_field_index("cost_usd"), "cost_usd", cost)
+    n = events.num_rows
+    write_flush(os.fspath(tmp_path), Flush("big", 0, 0, None, n, 0, n, events, DLQ.empty_table()), "test/1")
+    daily = budget.daily_spend(tmp_path, dt.date(2026, 3, 1), dt.date(2026, 3, 31), source="events")
+    assert daily[("team", "acme-ml", dt.date(2026, 3, 1))] == Decimal("12345678901234567.123456789013")
+    (team,) = budget.status(
+        tmp_path, budget.load_budgets(text=POLICY)[:1], dt.datetime(2026, 3, 3, tzinfo=UTC)
+    )
+    assert team.spent == Decimal("12345678901234567.123456789014")
 
 
 def test_status_and_the_prometheus_gauges(tmp_path: Path) -> None:
