@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Context, Decimal
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -51,6 +51,7 @@ from meter._version import __version__
 from meter.config import METRIC_LABELS, METRIC_LABELS_DEFAULT
 from meter.reasons import ALL_REASONS
 from meter.schema import TOKEN_COLUMNS
+from meter.totals import EXACT as _EXACT  # scaling 38-digit costs by 10^12 stays exact
 
 if TYPE_CHECKING:
     from meter.config import Config
@@ -235,7 +236,6 @@ def _header(name: str) -> str:
 
 # ---------------------------------------------------------------- usage series tables
 
-_EXACT = Context(prec=80)  # 38-digit decimals scaled by 10^12 stay exact
 _UNITS_PER_USD = 10**12
 
 
