@@ -280,6 +280,17 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _non_negative(text: str) -> float:
+    """Argparse type of the duration options: a negative grace would delete replaced files at once."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _add_compact(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compact",
@@ -294,14 +305,14 @@ def _add_compact(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--grace-hours",
-        type=float,
+        type=_non_negative,
         default=2.0,
         metavar="H",
         help="a partition is closed this long after its end (default 2)",
     )
     p.add_argument(
         "--delete-after-minutes",
-        type=float,
+        type=_non_negative,
         default=15.0,
         metavar="M",
         help="keep replaced files this long for queries still reading them (default 15)",
@@ -425,7 +436,7 @@ def _add_reprice(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--delete-after-minutes",
-        type=float,
+        type=_non_negative,
         default=15.0,
         metavar="M",
         help="--apply: keep replaced files this long for queries still reading them (default 15)",

@@ -680,6 +680,11 @@ def test_cli_compact_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "no lake directory" in capsys.readouterr().err
     assert main(["compact", "--lake", str(tmp_path), "--target-mb", "0"]) == 2
     assert "target" in capsys.readouterr().err
+    for option in ("--delete-after-minutes", "--grace-hours"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compact", "--lake", str(tmp_path), option, "-1"])
+        assert exit_info.value.code == 2
+        assert f"{option}: must be a finite number >= 0" in capsys.readouterr().err
 
 
 # --- rollups over a compacted lake ------------------------------------------------------------

@@ -405,3 +405,16 @@ def test_cli_apply(lake: SynthLake, other: Path, capsys: pytest.CaptureFixture[s
     captured = capsys.readouterr()
     assert captured.out.startswith("model,") and "restated 0 files" in captured.err
     assert audit(lake.root).ok
+
+
+def test_cli_rejects_a_negative_deletion_grace(
+    lake: SynthLake, other: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A negative grace would delete the replaced files under running queries at once."""
+    before = listing(lake.root)
+    argv = ["reprice", "--lake", os.fspath(lake.root), "--catalog", os.fspath(other), "--apply"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--delete-after-minutes", "-1"])
+    assert exit_info.value.code == 2
+    assert "--delete-after-minutes: must be a finite number >= 0" in capsys.readouterr().err
+    assert listing(lake.root) == before and not restatements(lake.root)
