@@ -203,6 +203,29 @@ class FileRecord:
         _count(self.bytes, "bytes")
 
 
+def _file_json(f: FileRecord) -> dict[str, object]:
+    """A file's JSON object, the same in entries and rewrite records."""
+    return {"path": f.path, "kind": f.kind, "rows": f.rows, "bytes": f.bytes}
+
+
+def _file_from_json(d: object) -> FileRecord:
+    d = _typed(d, dict, "file")
+    return FileRecord(
+        path=_typed(d["path"], str, "path"),
+        kind=_typed(d["kind"], str, "kind"),  # type: ignore[arg-type]
+        rows=_typed(d["rows"], int, "rows"),
+        bytes=_typed(d["bytes"], int, "bytes"),
+    )
+
+
+def _json_object(data: bytes, what: str) -> dict[str, object]:
+    """``data`` decoded as one JSON object; ValueError otherwise."""
+    try:
+        return _typed(orjson.loads(data), dict, what)
+    except orjson.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e}") from e
+
+
 @dataclass(frozen=True, slots=True)
 class ManifestEntry:
     """One durable flush of offsets ``[start, end)`` of a partition.
@@ -312,9 +335,7 @@ class ManifestEntry:
                 "tokens": dict(self.tokens),
                 "cost_usd": self.cost_usd,
                 "unpriced": self.unpriced,
-                "files": [
-                    {"path": f.path, "kind": f.kind, "rows": f.rows, "bytes": f.bytes} for f in self.files
-                ],
+                "files": [_file_json(f) for f in self.files],
                 "writer": self.writer,
                 "written_at_ms": self.written_at_ms,
             },
@@ -324,22 +345,11 @@ class ManifestEntry:
     @classmethod
     def from_json(cls, data: bytes) -> ManifestEntry:
         """Parse and validate; raises ValueError on anything malformed."""
-        try:
-            d = _typed(orjson.loads(data), dict, "entry")
-        except orjson.JSONDecodeError as e:
-            raise ValueError(f"invalid JSON: {e}") from e
+        d = _json_object(data, "entry")
         try:
             if d["v"] != FORMAT_VERSION:
                 raise ValueError(f"unknown manifest format version {d['v']!r}")
-            files = tuple(
-                FileRecord(
-                    path=_typed(f["path"], str, "path"),
-                    kind=_typed(f["kind"], str, "kind"),  # type: ignore[arg-type]
-                    rows=_typed(f["rows"], int, "rows"),
-                    bytes=_typed(f["bytes"], int, "bytes"),
-                )
-                for f in _typed(d["files"], list, "files")
-            )
+            files = tuple(_file_from_json(f) for f in _typed(d["files"], list, "files"))
             return cls(
                 topic=_typed(d["topic"], str, "topic"),
                 partition=_typed(d["partition"], int, "partition"),
@@ -630,20 +640,6 @@ def rewrite_path(lake: LakePath, topic: str, partition: int, seq: int) -> Path:
     return partition_dir(lake, topic, partition) / f"compaction-{seq:020d}.json"
 
 
-def _file_json(f: FileRecord) -> dict[str, object]:
-    return {"path": f.path, "kind": f.kind, "rows": f.rows, "bytes": f.bytes}
-
-
-def _file_from_json(d: object) -> FileRecord:
-    d = _typed(d, dict, "file")
-    return FileRecord(
-        path=_typed(d["path"], str, "path"),
-        kind=_typed(d["kind"], str, "kind"),  # type: ignore[arg-type]
-        rows=_typed(d["rows"], int, "rows"),
-        bytes=_typed(d["bytes"], int, "bytes"),
-    )
-
-
 def _check_header(topic: str, partition: int, seq: int, writer: str, written_at_ms: int, what: str) -> str:
     """Validate what every rewrite record has; return its name for messages."""
     check_topic(topic)
@@ -672,10 +668,7 @@ def _check_swapped(
 
 
 def _loads(data: bytes, kind: str) -> dict[str, object]:
-    try:
-        d = _typed(orjson.loads(data), dict, "record")
-    except orjson.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON: {e}") from e
+    d = _json_object(data, "record")
     if d.get("v") != REWRITE_VERSION or d.get("type") != kind:
         raise ValueError(f"not a {kind} record: format {d.get('v')!r}/{d.get('type')!r}")
     return d
@@ -1013,11 +1006,7 @@ _REWRITE_TYPES: Final[dict[str, type[CompactionRecord] | type[RestatementRecord]
 
 def parse_rewrite(data: bytes) -> RewriteRecord:
     """Parse a rewrite record of either type; raises ValueError on anything malformed."""
-    try:
-        d = _typed(orjson.loads(data), dict, "record")
-    except orjson.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON: {e}") from e
-    kind = d.get("type")
+    kind = _json_object(data, "record").get("type")
     if not isinstance(kind, str) or kind not in _REWRITE_TYPES:
         raise ValueError(f"unknown rewrite record type {kind!r}")
     return _REWRITE_TYPES[kind].from_json(data)

@@ -131,6 +131,22 @@ def test_json_round_trip_and_determinism() -> None:
     assert decoded["v"] == 1
 
 
+def test_entry_bytes_are_stable() -> None:
+    """Entries already in lakes load and write back byte for byte."""
+    data = (
+        b'{"accepted":8,"cost_usd":"1.5","end":10,"files":[{"bytes":100,"kind":"events","path":'
+        b'"events/date=2026-01-01/hour=00/usage.v1.0.00000000000000000000-00000000000000000010.parquet",'
+        b'"rows":8},{"bytes":50,"kind":"dlq","path":'
+        b'"dlq/date=2026-01-01/usage.v1.0.00000000000000000000-00000000000000000010.parquet","rows":2}],'
+        b'"messages":10,"partition":0,"rejected":2,"rejects_by_reason":{"invalid_json":1,"wrong_type":1},'
+        b'"start":0,"tokens":{"cache_read_tokens":20,"cache_write_1h_tokens":40,"cache_write_tokens":30,'
+        b'"input_tokens":0,"output_tokens":10,"reasoning_tokens":50},"topic":"usage.v1","unpriced":0,'
+        b'"v":1,"writer":"host-a/123","written_at_ms":1767225600000}'
+    )
+    entry = make_entry(rejects_by_reason={"wrong_type": 1, "invalid_json": 1})
+    assert entry.to_json() == data and ManifestEntry.from_json(data) == entry
+
+
 def test_tokens_default_to_zero() -> None:
     entry = make_entry(tokens={"input_tokens": 5})
     assert entry.tokens == {k: 5 if k == "input_tokens" else 0 for k in TOKEN_COLUMNS}
