@@ -323,8 +323,7 @@ class Pipeline:
                     self.config.consume_batch, timeout=0.1 if not self.paused else 0.05
                 )
                 metrics.CONSUMED.inc(len(messages))
-                for chunk in self._chunks(messages):
-                    self.verify.submit(chunk)
+                self.verify.submit(self._chunks(messages))
                 for step in self.steps:
                     step.poll()
                 self._backpressure()

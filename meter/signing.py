@@ -383,16 +383,16 @@ class SignedChunk(Chunk):
     gateways: list[str | None] | None = None
 
 
-class Verify(Terminal[Chunk]):
+class Verify(Terminal[list[Chunk]]):
     """Check each chunk's signatures before parsing (pass-through when signatures are off).
 
-    The keyring is reloaded on :meth:`request_reload` (SIGHUP), between two chunks, on the
+    The keyring is reloaded on :meth:`request_reload` (SIGHUP), between two consume batches, on the
     consumer's thread: a keyring that fails to load leaves the one in force unchanged.
     """
 
     def __init__(
         self,
-        next_step: Step[Chunk],
+        next_step: Step[list[Chunk]],
         verifier: Verifier | None,
         keyring_path: str | None = None,
         env: Mapping[str, str] | None = None,
@@ -408,7 +408,7 @@ class Verify(Terminal[Chunk]):
     def from_config(
         cls,
         config: Config,
-        next_step: Step[Chunk],
+        next_step: Step[list[Chunk]],
         describe: Callable[[Config], Mapping[str, str | None]] | None = None,
     ) -> Verify:
         """The step the daemon runs: loads the keyring, and refuses to start when a topic is
@@ -428,35 +428,38 @@ class Verify(Terminal[Chunk]):
         )
         return cls(next_step, Verifier(keyring, policy), config.keyring)
 
-    def submit(self, chunk: Chunk) -> None:
-        if self.verifier is None or not chunk.payloads:
-            self.next_step.submit(chunk)
+    def submit(self, chunks: list[Chunk]) -> None:
+        if self.verifier is None:
+            self.next_step.submit(chunks)
             return
-        rejects, gateways = self.verifier.check(chunk)
+        self.next_step.submit([self._check(chunk, self.verifier) for chunk in chunks])
+
+    @staticmethod
+    def _check(chunk: Chunk, verifier: Verifier) -> Chunk:
+        if not chunk.payloads:
+            return chunk
+        rejects, gateways = verifier.check(chunk)
         # Nothing downstream reads headers or record times; chunks live in the buffer until
         # the flush, and a few hundred thousand header lists there make every full GC pass
         # slow (measured: about 1 us a message).
         chunk.headers = []
         chunk.timestamps = []
         if not rejects and gateways is None:
-            self.next_step.submit(chunk)
-            return
+            return chunk
         payloads = chunk.payloads
         if rejects:
             payloads = list(payloads)
             for reject in rejects:
                 payloads[reject.message_index] = None
-        self.next_step.submit(
-            SignedChunk(
-                chunk.topic,
-                chunk.partition,
-                payloads,
-                chunk.offsets,
-                chunk.arrival_ms,
-                original=chunk,
-                rejects=rejects,
-                gateways=gateways,
-            )
+        return SignedChunk(
+            chunk.topic,
+            chunk.partition,
+            payloads,
+            chunk.offsets,
+            chunk.arrival_ms,
+            original=chunk,
+            rejects=rejects,
+            gateways=gateways,
         )
 
     def request_reload(self) -> None:

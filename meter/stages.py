@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -189,11 +191,13 @@ def dlq_table(chunk: Chunk, rejects: list[Reject]) -> pa.Table:
     )
 
 
-class ParseAndPrice(Terminal[Chunk]):
+class ParseAndPrice(Terminal[list[Chunk]]):
     """Parse payloads (compiled parser), price rows at their event time, attach provenance.
 
-    Events whose model the catalog lacks stay with a null cost, or become `unknown_model`
-    rejects when `reject_unknown` is set.
+    Takes the chunks of one consume() call and parses and prices them in one call each
+    (fixed costs per call are a quarter of the work on chunks of a thousand rows), then
+    hands on one `Rows` per chunk. Events whose model the catalog lacks stay with a null
+    cost, or become `unknown_model` rejects when `reject_unknown` is set.
     """
 
     def __init__(
@@ -210,31 +214,49 @@ class ParseAndPrice(Terminal[Chunk]):
         self.reject_unknown = reject_unknown
         self.clock_ms = clock_ms
 
-    def submit(self, chunk: Chunk) -> None:
-        result = parse_batch(chunk.payloads, now_ms=self.clock_ms(), lateness_ms=self.lateness_ms)
+    def submit(self, chunks: list[Chunk]) -> None:
+        if not chunks:
+            return
+        payloads = [p for c in chunks for p in c.payloads] if len(chunks) > 1 else chunks[0].payloads
+        result = parse_batch(payloads, now_ms=self.clock_ms(), lateness_ms=self.lateness_ms)
         priced = self.catalog.price(result.batch)
-        n = priced.num_rows
-        events = pa.Table.from_batches(
-            [
-                pa.RecordBatch.from_arrays(
-                    [
-                        *priced.columns,
-                        pa.array([chunk.topic] * n, pa.string()),
-                        pa.array([chunk.partition] * n, pa.int32()),
-                        pc.take(pa.array(chunk.offsets, pa.int64()), result.message_index),
-                    ],
-                    schema=LAKE_EVENTS,
-                )
-            ]
+        offsets = pa.array([o for c in chunks for o in c.offsets], pa.int64())
+        kafka_offset = pc.take(offsets, result.message_index)
+        # Rows come in message order, so each chunk's rows are one contiguous slice.
+        firsts = list(itertools.accumulate((len(c.payloads) for c in chunks), initial=0))
+        cuts = pc.search_sorted(result.message_index, pa.array(firsts, pa.int32())).to_pylist()
+        rejects: list[list[Reject]] = [[] for _ in chunks]
+        for r in result.rejects:
+            k = bisect.bisect_right(firsts, r.message_index) - 1
+            rejects[k].append(r._replace(message_index=r.message_index - firsts[k]))
+        for k, chunk in enumerate(chunks):
+            lo, n = cuts[k], cuts[k + 1] - cuts[k]
+            events = pa.Table.from_batches(
+                [
+                    pa.RecordBatch.from_arrays(
+                        [
+                            *priced.slice(lo, n).columns,
+                            pa.repeat(pa.scalar(chunk.topic, pa.string()), n),
+                            pa.repeat(pa.scalar(chunk.partition, pa.int32()), n),
+                            kafka_offset.slice(lo, n),
+                        ],
+                        schema=LAKE_EVENTS,
+                    )
+                ]
+            )
+            origin = pc.subtract(result.message_index.slice(lo, n), pa.scalar(firsts[k], pa.int32()))
+            rows = Rows(chunk, events, dlq_table(chunk, rejects[k]), origin, result.line_index.slice(lo, n))
+            self.next_step.submit(self._unknown_models(rows) if self.reject_unknown and n else rows)
+
+    @staticmethod
+    def _unknown_models(rows: Rows) -> Rows:
+        unknown = pc.is_null(rows.events.column("cost_usd"))
+        if not pc.any(unknown).as_py():
+            return rows
+        models = pc.filter(rows.events.column("model"), unknown).to_pylist()
+        return rows.reject(
+            unknown, R.UNKNOWN_MODEL, [f"model {m!r} is not in the price catalog" for m in models]
         )
-        rows = Rows(chunk, events, dlq_table(chunk, result.rejects), result.message_index, result.line_index)
-        if self.reject_unknown and n:
-            unknown = pc.is_null(priced.column("cost_usd"))
-            if pc.any(unknown).as_py():
-                models = pc.filter(priced.column("model"), unknown).to_pylist()
-                details = [f"model {m!r} is not in the price catalog" for m in models]
-                rows = rows.reject(unknown, R.UNKNOWN_MODEL, details)
-        self.next_step.submit(rows)
 
 
 # ---------------------------------------------------------------- buffer per partition

@@ -56,7 +56,7 @@ def rows_of(payloads: list[bytes], first_offset: int = 0, partition: int = 0) ->
     chunk = Chunk(
         TOPIC, partition, list(payloads), list(range(first_offset, first_offset + len(payloads))), NOW_MS
     )
-    ParseAndPrice(sink, load_catalog(), DEFAULT_LATENESS_MS, clock_ms=lambda: NOW_MS).submit(chunk)
+    ParseAndPrice(sink, load_catalog(), DEFAULT_LATENESS_MS, clock_ms=lambda: NOW_MS).submit([chunk])
     return sink.items[0]
 
 

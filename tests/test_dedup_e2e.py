@@ -138,7 +138,7 @@ def test_dedup_memory_stays_under_its_cap_within_one_generation(tmp_path: Path) 
     payloads: list[bytes | None] = [m.value for m in plan(events=5_000, seed=3)]
     for start in range(0, len(payloads), 500):  # ten batches within one second
         part = payloads[start : start + 500]
-        parse.submit(Chunk("t", 0, part, list(range(start, start + len(part))), 0))
+        parse.submit([Chunk("t", 0, part, list(range(start, start + len(part))), 0)])
         now[0] += 0.1
         dedup.poll()
     assert dedup.held_ids <= 1_000, f"{dedup.held_ids} ids held, cap 1000"

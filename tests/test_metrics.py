@@ -486,7 +486,7 @@ def durable_flush(lake: Path) -> Any:
         b"[]",
         line(4),
     ]
-    parse.submit(Chunk("usage", 0, payloads, list(range(5)), NOW_MS))
+    parse.submit([Chunk("usage", 0, payloads, list(range(5)), NOW_MS)])
     buffer.join()
     [flush] = flushes
     entry = write_flush(str(lake), flush, "w")

@@ -127,7 +127,7 @@ def run(
 ) -> Rows:
     n = len(values)
     chunk = Chunk(topic, 0, values, list(range(100, 100 + n)), NOW, headers, stamps or [(CREATE, NOW)] * n)
-    verify.submit(chunk)
+    verify.submit([chunk])
     rows = sink.items.pop()
     assert rows.chunk is chunk and not isinstance(rows.chunk, SignedChunk)
     # Accounting: every message yields event rows or DLQ rows.
@@ -285,16 +285,16 @@ def test_policy_off_passes_chunks_untouched() -> None:
     sink = Sink()
     verify = Verify(sink, None)
     chunk = Chunk(TOPIC, 0, [b"x"], [1], NOW, [None], [(1, NOW)])
-    verify.submit(chunk)
-    assert sink.items == [chunk]
+    verify.submit([chunk])
+    assert sink.items == [[chunk]]
 
 
 def test_clean_chunk_is_not_copied() -> None:
     sink = Sink()
     verify = Verify(sink, Verifier(keyring(), Policy("require", allow_create_time=True)))
     chunk = Chunk(TOPIC, 0, [event(1)], [1], NOW, [A.sign(TOPIC, event(1))], [(1, NOW)])
-    verify.submit(chunk)
-    assert sink.items == [chunk]
+    verify.submit([chunk])
+    assert sink.items == [[chunk]]
 
 
 def test_log_append_time_decides_when_the_record_has_it() -> None:
@@ -307,7 +307,7 @@ def test_log_append_time_decides_when_the_record_has_it() -> None:
     rows = run(verify, sink, [value], headers, [(LOG_APPEND, signed_at + 500)])
     assert accepted(rows) == [0]
     verify.submit(
-        Chunk(TOPIC, 0, [value], [100], NOW + 40 * 86_400_000, headers, [(LOG_APPEND, signed_at + 500)])
+        [Chunk(TOPIC, 0, [value], [100], NOW + 40 * 86_400_000, headers, [(LOG_APPEND, signed_at + 500)])]
     )
     assert sink.items.pop().events.num_rows == 1  # re-read 40 days later: still accepted
     # The key expired (not_after 2025-12-31) by the broker time: rejected, whatever the arrival clock.

@@ -95,7 +95,7 @@ class Sink:
 
 def parse(c: Chunk, reject_unknown: bool = False) -> Rows:
     sink = Sink()
-    ParseAndPrice(sink, CATALOG, LATENESS_MS, reject_unknown, clock_ms=lambda: NOW_MS).submit(c)
+    ParseAndPrice(sink, CATALOG, LATENESS_MS, reject_unknown, clock_ms=lambda: NOW_MS).submit([c])
     [rows] = sink.items
     assert isinstance(rows, Rows) and rows.chunk is c
     return rows
@@ -225,6 +225,28 @@ def test_dlq_table_of_rejects_built_by_hand() -> None:
 
 
 # --- ParseAndPrice -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reject_unknown", [False, True])
+def test_chunks_of_one_consume_call_parse_as_they_would_one_by_one(reject_unknown: bool) -> None:
+    """One parse for all chunks, split back per chunk: the same rows, rejects, provenance
+    and message/line indices as parsing each chunk alone."""
+    chunks = [
+        chunk([event(1), b"{", event(2) + b"\n" + event(3, model="mystery")], 10, partition=3),
+        chunk([b"[]", b"", None], 7, partition=0),  # nothing accepted
+        chunk([], 0, partition=5),
+        chunk([event(4) + b"\n{bad\n" + event(5), event(6, ts=TS_00)], 100, partition=1, topic="other"),
+    ]
+    sink = Sink()
+    ParseAndPrice(sink, CATALOG, LATENESS_MS, reject_unknown, clock_ms=lambda: NOW_MS).submit(chunks)
+    assert [r.chunk for r in sink.items] == chunks
+    for together, c in zip(sink.items, chunks, strict=True):
+        alone = parse(c, reject_unknown)
+        assert together.events.equals(alone.events), c.partition
+        assert together.dlq.equals(alone.dlq), c.partition
+        assert together.origin.to_pylist() == alone.origin.to_pylist()
+        assert together.lines.to_pylist() == alone.lines.to_pylist()
+    assert [r.events.num_rows for r in sink.items] == [2 if reject_unknown else 3, 0, 0, 3]
 
 
 def test_parse_and_price_with_the_default_catalog() -> None:
@@ -940,8 +962,7 @@ def test_an_owner_fenced_by_a_zombie_resumes_from_the_manifest(tmp_path: Path) -
     key = (TOPIC, 0)
     try:
         p._on_assign(consumer, [TopicPartition(TOPIC, 0)])
-        for c in p._chunks([FakeMessage(TOPIC, 0, i, event(i)) for i in range(5)]):
-            p.parse.submit(c)
+        p.parse.submit(p._chunks([FakeMessage(TOPIC, 0, i, event(i)) for i in range(5)]))
         write_flush(str(lake), make_flush([event(i) for i in range(3)], 0, after=None), "zombie")
         p.buffer.join()
         p.writer.join()
