@@ -83,15 +83,18 @@ __all__ = [
     "CompactReport",
     "Group",
     "clear_intent",
+    "clock_from",
     "compact",
     "compact_partition",
     "default_writer",
     "delete_retired",
     "is_closed",
     "lake_lock",
+    "no_checkpoint",
     "plan",
     "recover",
     "state_dir",
+    "time_range_ms",
     "write_intent",
     "write_rows",
 ]
@@ -151,7 +154,8 @@ DEFAULT_POLICY: Final = CompactPolicy()
 # --- pure: what to merge --------------------------------------------------------------------
 
 
-def _range_ms(p: DataPath) -> tuple[int, int]:
+def time_range_ms(p: DataPath) -> tuple[int, int]:
+    """``[start, end)`` in epoch ms of the directory of ``p``: an events hour or a DLQ day."""
     day = dt.datetime.fromisoformat(p.date).replace(tzinfo=dt.UTC)
     start = int((day - _EPOCH).total_seconds()) * 1000
     if p.hour is None:
@@ -162,7 +166,7 @@ def _range_ms(p: DataPath) -> tuple[int, int]:
 
 def is_closed(p: DataPath, now_ms: int, grace_ms: int) -> bool:
     """Whether the directory of ``p`` (an hour of events, a day of DLQ) ended ``grace`` ago."""
-    return _range_ms(p)[1] + grace_ms <= now_ms
+    return time_range_ms(p)[1] + grace_ms <= now_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,8 +280,20 @@ class CompactReport:
         }
 
 
-def _noop(step: str) -> None:
-    return None
+def no_checkpoint(step: str) -> None:
+    """The default ``checkpoint`` of a rewrite: tests pass one that crashes at a step."""
+
+
+def clock_from(now_ms: int) -> Callable[[], int]:
+    """Epoch ms: ``now_ms`` advanced by the monotonic clock since this call, so a rewrite
+    stamps records, and ends deletion graces, at the time they happen (a long write does
+    not shorten the grace of the records it writes) whatever ``now_ms`` a test passes."""
+    started = time.monotonic_ns()
+
+    def clock() -> int:
+        return now_ms + (time.monotonic_ns() - started) // 1_000_000
+
+    return clock
 
 
 def state_dir(lake: LakePath, topic: str, partition: int) -> Path:
@@ -495,19 +511,14 @@ def compact_partition(
     now_ms: int,
     writer: str,
     dry_run: bool = False,
-    checkpoint: Callable[[str], None] = _noop,
+    checkpoint: Callable[[str], None] = no_checkpoint,
 ) -> CompactReport:
     """Compact one Kafka partition's closed directories (steps 1-6 of the module doc).
 
     ``now_ms`` decides which directories are closed; records are stamped, and deletion
-    graces end, by the clock advanced from ``now_ms`` (a long merge does not shorten the
-    grace of the records it writes). The caller holds the lake's lock (`compact` does).
+    graces end, by `clock_from` ``now_ms``. The caller holds the lake's lock (`compact` does).
     """
-    started = time.monotonic_ns()
-
-    def clock() -> int:
-        return now_ms + (time.monotonic_ns() - started) // 1_000_000
-
+    clock = clock_from(now_ms)
     report = CompactReport(partitions=1, dry_run=dry_run)
     pf = load_files(lake, topic, partition)
     if not dry_run:
@@ -585,7 +596,7 @@ def compact(
     now_ms: int | None = None,
     writer: str | None = None,
     dry_run: bool = False,
-    checkpoint: Callable[[str], None] = _noop,
+    checkpoint: Callable[[str], None] = no_checkpoint,
 ) -> CompactReport:
     """Compact every Kafka partition of the lake; return what was done.
 

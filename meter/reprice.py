@@ -37,7 +37,6 @@ and ``month`` of the event time (UTC), ``price_version`` (stored) and
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import os
 import time
@@ -56,10 +55,13 @@ from meter.compact import (
     DEFAULT_POLICY,
     CompactError,
     clear_intent,
+    clock_from,
     default_writer,
     delete_retired,
     lake_lock,
+    no_checkpoint,
     recover,
+    time_range_ms,
     write_intent,
     write_rows,
 )
@@ -90,7 +92,6 @@ __all__ = [
     "reprice",
     "reprice_sql",
     "restate",
-    "restate_batch",
 ]
 
 GROUP_KEYS: Final = (
@@ -98,7 +99,6 @@ GROUP_KEYS: Final = (
     "date", "month", "price_version", "new_price_version",
 )  # fmt: skip
 _BATCH_ROWS: Final = 256 * 1024
-_HOUR_MS: Final = 3_600_000
 _STREAM: Final = pa.schema(
     [
         *(EVENTS.field(n) for n in ("ts", "org", "team", "user", "model", "provider", "client")),
@@ -157,11 +157,19 @@ def reprice_sql(by: Sequence[str], relation: str = "priced") -> str:
     return f"SELECT {select}, {measures} FROM {relation} GROUP BY ALL ORDER BY {order}"
 
 
-def _hour_overlaps(p: DataPath, start_ms: int | None, end_ms: int | None) -> bool:
-    assert p.hour is not None
-    day = dt.datetime.fromisoformat(p.date).replace(tzinfo=dt.UTC)
-    lo = int(day.timestamp()) * 1000 + p.hour * _HOUR_MS
-    return (start_ms is None or lo + _HOUR_MS > start_ms) and (end_ms is None or lo < end_ms)
+def _overlaps(p: DataPath, start_ms: int | None, end_ms: int | None) -> bool:
+    lo, hi = time_range_ms(p)
+    return (start_ms is None or hi > start_ms) and (end_ms is None or lo < end_ms)
+
+
+def _lake_root(lake: LakePath, start_ms: int | None, end_ms: int | None) -> Path:
+    """The lake's absolute path, once the range and the lake are known to be usable."""
+    if start_ms is not None and end_ms is not None and start_ms >= end_ms:
+        raise ValueError("the range is empty: --from must be before --to")
+    root = Path(os.path.abspath(lake))
+    if not root.is_dir():
+        raise FileNotFoundError(f"no lake directory at {os.fspath(lake)}")
+    return root
 
 
 def files_in_range(lake: LakePath, start_ms: int | None, end_ms: int | None) -> list[str]:
@@ -169,7 +177,7 @@ def files_in_range(lake: LakePath, start_ms: int | None, end_ms: int | None) -> 
     return [
         f.path
         for f in listed_records(lake, KIND_EVENTS)
-        if _hour_overlaps(parse_rel_path(f.path), start_ms, end_ms)
+        if _overlaps(parse_rel_path(f.path), start_ms, end_ms)
     ]
 
 
@@ -220,12 +228,8 @@ def reprice(
 ) -> RepriceResult:
     """Price the listed events with event time in ``[start_ms, end_ms)`` under
     ``catalog`` and compare with their stored cost, per ``by`` group."""
-    if start_ms is not None and end_ms is not None and start_ms >= end_ms:
-        raise ValueError("the range is empty: --from must be before --to")
     _check_by(by)
-    root = Path(os.path.abspath(lake))
-    if not root.is_dir():
-        raise FileNotFoundError(f"no lake directory at {os.fspath(lake)}")
+    root = _lake_root(lake, start_ms, end_ms)
     rels = files_in_range(root, start_ms, end_ms)
     paths = [abs_path(root, r) for r in rels]
     con = duckdb.connect(":memory:")
@@ -289,7 +293,7 @@ def _distinct(a: pa.Array, b: pa.Array) -> pa.BooleanArray:
     return pc.or_(one_null, pc.fill_null(pc.not_equal(a, b), False))
 
 
-def restate_batch(
+def _restate_batch(
     batch: pa.RecordBatch, catalog: Catalog, start_ms: int | None, end_ms: int | None
 ) -> tuple[pa.RecordBatch, int]:
     """``batch`` (lake events) with the rows in ``[start_ms, end_ms)`` priced again by
@@ -314,7 +318,7 @@ def restate_batch(
 
 def _changes(path: Path, catalog: Catalog, start_ms: int | None, end_ms: int | None) -> int:
     return sum(
-        restate_batch(b, catalog, start_ms, end_ms)[1]
+        _restate_batch(b, catalog, start_ms, end_ms)[1]
         for b in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS)
     )
 
@@ -389,7 +393,7 @@ def _restate_file(job: _Job, old: FileRecord, rel: str) -> Restatement:
     def tables() -> Iterator[pa.Table]:
         nonlocal changed
         for batch in source.iter_batches(batch_size=_BATCH_ROWS):
-            new, n = restate_batch(batch, job.catalog, job.start_ms, job.end_ms)
+            new, n = _restate_batch(batch, job.catalog, job.start_ms, job.end_ms)
             before.add_batch(batch)
             after.add_batch(new)
             changed += n
@@ -416,7 +420,7 @@ def _attempt(job: _Job, topic: str, partition: int, report: RestateReport) -> No
         f
         for f in pf.live
         if f.kind == KIND_EVENTS
-        and _hour_overlaps(parse_rel_path(f.path), job.start_ms, job.end_ms)
+        and _overlaps(parse_rel_path(f.path), job.start_ms, job.end_ms)
         and _changes(abs_path(job.lake, f.path), job.catalog, job.start_ms, job.end_ms)
     ]
     job.checkpoint("planned")
@@ -451,10 +455,6 @@ def _attempt(job: _Job, topic: str, partition: int, report: RestateReport) -> No
         job.checkpoint("committed")
 
 
-def _noop(step: str) -> None:
-    return None
-
-
 def restate(
     lake: LakePath,
     catalog: Catalog,
@@ -466,7 +466,7 @@ def restate(
     writer: str | None = None,
     delete_grace_s: float = DEFAULT_POLICY.delete_grace_s,
     rollups: bool = True,
-    checkpoint: Callable[[str], None] = _noop,
+    checkpoint: Callable[[str], None] = no_checkpoint,
 ) -> RestateReport:
     """Restate the listed events in ``[start_ms, end_ms)`` at ``catalog``'s prices (see the
     module doc); return what was restated.
@@ -477,17 +477,10 @@ def restate(
     ``checkpoint`` is called after each durable step ("recovered", "planned", "intent",
     "writing", "output", "record", "committed", "deleting", "deleted"): tests crash there.
     """
-    if start_ms is not None and end_ms is not None and start_ms >= end_ms:
-        raise ValueError("the range is empty: --from must be before --to")
-    root = Path(os.path.abspath(lake))
-    if not root.is_dir():
-        raise FileNotFoundError(f"no lake directory at {os.fspath(lake)}")
-    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    started = time.monotonic_ns()
-
-    def clock() -> int:
-        return now + (time.monotonic_ns() - started) // 1_000_000
-
+    if not 0 <= delete_grace_s < float("inf"):
+        raise ValueError(f"delete_grace_s must be a finite number >= 0, got {delete_grace_s!r}")
+    root = _lake_root(lake, start_ms, end_ms)
+    clock = clock_from(time.time_ns() // 1_000_000 if now_ms is None else now_ms)
     job = _Job(root, catalog, ref, start_ms, end_ms, writer or default_writer(), clock, checkpoint)
     report = RestateReport()
     with lake_lock(root):

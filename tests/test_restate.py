@@ -322,6 +322,18 @@ def test_one_rewriter_at_a_time(lake: SynthLake, other: Path) -> None:
         restate(lake.root, catalog, ref)
 
 
+def test_bad_arguments_change_nothing(lake: SynthLake, other: Path, tmp_path: Path) -> None:
+    catalog, ref = load_catalog_file(other)
+    before = listing(lake.root)
+    with pytest.raises(ValueError, match="empty"):
+        restate(lake.root, catalog, ref, start_ms=T0, end_ms=T0)
+    with pytest.raises(FileNotFoundError, match="no lake directory"):
+        restate(tmp_path / "nope", catalog, ref)
+    with pytest.raises(ValueError, match="delete_grace_s"):
+        restate(lake.root, catalog, ref, delete_grace_s=-1)
+    assert listing(lake.root) == before and not restatements(lake.root)
+
+
 # --- crashes ----------------------------------------------------------------------------------
 
 KILL_SCRIPT = """
