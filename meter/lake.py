@@ -50,7 +50,6 @@ __all__ = [
     "check_topic",
     "clear_orphans",
     "data_file_name",
-    "data_file_version",
     "dlq_dir",
     "dlq_rel_dir",
     "dlq_rel_path",
@@ -214,11 +213,6 @@ def parse_data_file_name(name: str) -> tuple[str, int, int, int]:
     Parsed from the right, since a topic may itself contain dots.
     """
     return _parse_name(name)[:4]
-
-
-def data_file_version(name: str) -> int:
-    """The version `data_file_name` gave ``name``: 1 unless restated."""
-    return _parse_name(name)[4]
 
 
 def temp_name(final_name: str, token: str) -> str:
