@@ -109,7 +109,11 @@ _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 class CompactError(RuntimeError):
-    """A rewrite that must not be committed (a file disagrees with its manifest record)."""
+    """A rewrite that must not be committed (a file disagrees with its manifest record).
+
+    Of either rewrite: restatement (`meter.reprice`) came later and raises it too; the
+    names in code and on disk (``_meter/compact``, ``compaction-{seq}.json``) predate it.
+    """
 
 
 class CompactBusy(CompactError):
@@ -297,7 +301,8 @@ def clock_from(now_ms: int) -> Callable[[], int]:
 
 
 def state_dir(lake: LakePath, topic: str, partition: int) -> Path:
-    """``LAKE/_meter/compact/topic=T/partition=P``: a partition's intent and deletion mark."""
+    """``LAKE/_meter/compact/topic=T/partition=P``: a partition's intent and deletion mark,
+    shared by compaction and restatement (one rewriter at a time)."""
     check_topic(topic)
     if partition < 0:
         raise ValueError(f"partition must be >= 0, got {partition}")
@@ -471,8 +476,11 @@ def delete_retired(
 ) -> int:
     """Delete the files replaced by records (of either type) older than the grace, oldest first.
 
-    ``deleted.json`` remembers the last record done, so each retired file is looked at
-    once. Never deletes a listed file. Stops at the first record still in its grace.
+    The grace is the running rewrite's, whichever rewrite retired a file: it protects the
+    queries that listed the file, which do not care why it left the listing (a record does
+    not keep the grace it was written with). ``deleted.json`` remembers the last record
+    done, so each retired file is looked at once. Never deletes a listed file. Stops at
+    the first record still in its grace.
     """
     s = pf.state
     mark = state_dir(lake, s.topic, s.partition) / "deleted.json"

@@ -473,7 +473,8 @@ def restate(
 
     Holds the lake's rewrite lock (`meter.compact.CompactBusy` if a compaction or another
     restatement runs). Replaced files stay ``delete_grace_s`` for queries that listed
-    them. ``rollups``: afterwards, bring the rollups up to date if the lake has any.
+    them, those of earlier compactions too (`meter.compact.delete_retired`). ``rollups``:
+    afterwards, bring the rollups up to date if the lake has any.
     ``checkpoint`` is called after each durable step ("recovered", "planned", "intent",
     "writing", "output", "record", "committed", "deleting", "deleted"): tests crash there.
     """
