@@ -463,6 +463,7 @@ def _reprice(args: argparse.Namespace) -> int:
     end = parse_instant_ms(args.end) if args.end else None
     try:
         result = reprice(args.lake, catalog, start_ms=start, end_ms=end, by=by)
+        # restate prices again: it plans on its own listing, under the lock and after each lost race
         applied = (
             restate(
                 args.lake,
