@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -347,6 +347,14 @@ def _keys(table: pa.Table, names: Sequence[str]) -> list[tuple[str, ...]]:
     return list(zip(*columns, strict=True)) if columns else [()] * table.num_rows
 
 
+class UsageSums(NamedTuple):
+    """A flush's usage summed per label set (`Usage.sums`), and its unpriced rows per model."""
+
+    labels: tuple[str, ...]
+    groups: pa.Table
+    unpriced: pa.Table | None
+
+
 #: Per-flush sums of the usage families: events, cost, each token bucket.
 _SUMS: Final[list[tuple[Any, ...]]] = [
     ([], "count_all"),
@@ -420,15 +428,9 @@ class Usage:
                 table.resize(capacity)
                 table.ttl_s = ttl_s
 
-    def add(self, events: pa.Table) -> None:
-        """Add the accepted event rows of one durable flush (schema LAKE_EVENTS).
-
-        The rows are summed per label set here (in Arrow), but folded into the series only
-        at most once a second and before every read: a flush holds a few thousand label
-        sets, each a Python step, and the daemon writes many flushes a second.
-        """
-        if events.num_rows == 0:
-            return
+    def sums(self, events: pa.Table) -> UsageSums:
+        """One flush's sums per label set, in Arrow; any thread (the lake writer's, so the
+        consumer's thread does not group)."""
         with self._lock:
             names = self.labels
         groups = events.group_by(list(names), use_threads=False).aggregate(_SUMS)
@@ -436,8 +438,19 @@ class Usage:
         if events["cost_usd"].null_count:
             nulls = events.filter(pc.is_null(events["cost_usd"]))
             unpriced = nulls.group_by(["model"], use_threads=False).aggregate([([], "count_all")])
+        return UsageSums(names, groups, unpriced)
+
+    def add(self, events: pa.Table) -> None:
+        """Add the accepted event rows of one durable flush (schema LAKE_EVENTS)."""
+        if events.num_rows:
+            self.add_sums(self.sums(events))
+
+    def add_sums(self, sums: UsageSums) -> None:
+        """Add one durable flush's `sums`. They are folded into the series at most once a
+        second and before every read: a flush holds a few thousand label sets, each a
+        Python step, and the daemon writes many flushes a second."""
         with self._lock:
-            if self.labels != names:
+            if self.labels != sums.labels:
                 return  # `configure` started the families afresh with other labels meanwhile
             now = self.clock()
             if self._pending and (
@@ -446,8 +459,8 @@ class Usage:
                 self._fold_pending()
             if not self._pending:
                 self._pending_since = now
-            self._pending.append((groups, unpriced))
-            self._pending_rows += groups.num_rows
+            self._pending.append((sums.groups, sums.unpriced))
+            self._pending_rows += sums.groups.num_rows
             self._pending_last = now
 
     def _fold_pending(self) -> None:
@@ -747,7 +760,8 @@ class Metrics:
             self.files.labels(record.kind).inc()
             self.lake_bytes.labels(record.kind).inc(record.bytes)
         self.flush_rows.observe(entry.accepted + entry.rejected)
-        self.usage.add(durable.events)
+        if entry.accepted:
+            self.usage.add_sums(durable.usage or self.usage.sums(durable.events))
         self.last_flush.set(self.wall())
 
     def exposition(self) -> bytes:

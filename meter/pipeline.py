@@ -246,9 +246,13 @@ class Pipeline:
     # ------------------------------------------------------------ the loop
 
     def _chunks(self, messages: list[Message]) -> list[Chunk]:
+        """One chunk per partition of a consume() call; per message only what later steps
+        read (record times and headers only when signatures are checked)."""
         now_ms = time.time_ns() // 1_000_000
         signed = self.verify.verifier is not None
+        positions = self.positions
         chunks: dict[TP, Chunk] = {}
+        skipped = 0
         for message in messages:
             error = message.error()
             if error is not None:
@@ -257,9 +261,9 @@ class Pipeline:
             topic, partition, offset = message.topic(), message.partition(), message.offset()
             assert topic is not None and partition is not None and offset is not None
             key = (topic, partition)
-            position = self.positions.get(key, -1)
-            if key not in self.positions or (position is not None and offset < position):
-                metrics.SKIPPED.inc()  # already in the lake, or a partition no longer ours
+            position = positions.get(key, -1)
+            if position == -1 or (position is not None and offset < position):
+                skipped += 1  # already in the lake, or a partition no longer ours
                 continue
             chunk = chunks.get(key)
             if chunk is None:
@@ -268,7 +272,9 @@ class Pipeline:
             chunk.offsets.append(offset)
             if signed:  # the Message itself: the signature check reads its headers in place
                 chunk.headers.append(message)
-            chunk.timestamps.append(message.timestamp())
+                chunk.timestamps.append(message.timestamp())
+        if skipped:
+            metrics.SKIPPED.inc(skipped)
         return list(chunks.values())
 
     def _on_error(self, message: Message, error: KafkaError) -> None:

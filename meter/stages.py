@@ -153,6 +153,7 @@ class Durable:
     entry: ManifestEntry
     events: pa.Table
     dlq: pa.Table
+    usage: metrics.UsageSums | None = None  # the KPI sums, if the writer made them
 
 
 # ---------------------------------------------------------------- parse + price
@@ -444,7 +445,7 @@ class LakeWriter(Terminal[Flush]):
         self.writer_id = writer_id
         self.on_conflict = on_conflict
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="meter-writer")
-        self.in_flight: list[tuple[Flush, Future[ManifestEntry]]] = []
+        self.in_flight: list[tuple[Flush, Future[Durable]]] = []
         # Per partition, the epoch of a flush that collided with another writer: every flush
         # of that epoch queued behind it builds on it and must not be written either.
         self.fenced: dict[TP, int] = {}
@@ -456,7 +457,7 @@ class LakeWriter(Terminal[Flush]):
         )
         self.in_flight.append((flush, self.executor.submit(self._write, flush, before)))
 
-    def _write(self, flush: Flush, before: Future[ManifestEntry] | None) -> ManifestEntry:
+    def _write(self, flush: Flush, before: Future[Durable] | None) -> Durable:
         if before is not None:  # queued earlier on this FIFO pool: it runs or ran, never waits on us
             error = before.exception()
             if error is not None and not isinstance(error, ManifestConflict):
@@ -474,13 +475,14 @@ class LakeWriter(Terminal[Flush]):
             metrics.MANIFEST_WRITES.labels("failed").inc()
             raise
         metrics.FLUSH_SECONDS.observe(time.monotonic() - started)
-        return entry
+        usage = metrics.DEFAULT.usage.sums(flush.events) if entry.accepted else None
+        return Durable(entry, flush.events, flush.dlq, usage)
 
     def _forward_done(self, block: bool) -> None:
         while self.in_flight and (block or self.in_flight[0][1].done()):
             flush, future = self.in_flight.pop(0)
             try:
-                entry = future.result()
+                durable = future.result()
             except ManifestConflict:
                 metrics.MANIFEST_WRITES.labels("conflict").inc()
                 log.warning(
@@ -489,7 +491,7 @@ class LakeWriter(Terminal[Flush]):
                 )
                 self.on_conflict(flush)
                 continue
-            self.next_step.submit(Durable(entry, flush.events, flush.dlq))
+            self.next_step.submit(durable)
 
     def poll(self) -> None:
         self._forward_done(block=False)

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
+from meter import metrics
 from meter import reasons as R
 from meter.lake import data_file_name, dlq_rel_path
 from meter.manifest import (
@@ -577,6 +578,9 @@ def test_lake_writer_forwards_durable_flushes_in_order_and_reports_conflicts(
             (0, 1, 2),
         ]
         assert all(d.events is f.events and d.dlq is f.dlq for d, f in zip(sink.items, flushes, strict=True))
+        for d in sink.items:  # the KPI sums are made on the writer's thread, not the consumer's
+            assert d.usage is not None
+            assert d.usage.groups.equals(metrics.DEFAULT.usage.sums(d.events).groups)
         stale = make_flush([event(3), event(4)], 1, after=1, partition=0)
         writer.submit(stale)
         writer.join()
