@@ -59,7 +59,7 @@ test-asan: install
 	cd $(ASAN_TREE) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		PYTHONPATH=. METER_EXPECT_DEBUG_BUILD=1 ../../$(BIN)/python -m pytest -q -p no:cacheprovider \
-		tests/test_parser.py tests/test_parser_fuzz.py tests/test_verify.py
+		tests/test_parser.py tests/test_parser_fuzz.py tests/test_verify.py tests/test_dedup.py
 
 lint: install
 	$(BIN)/ruff check .
