@@ -193,7 +193,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch_max_age_s", _positive_float, 5.0, "flush when the oldest buffered message is this old"),
     Setting("lateness_days", _positive_float, DEFAULT_LATENESS_MS / 86_400_000, "oldest accepted event age"),
     Setting("commit_interval_s", _positive_float, 5.0, "re-commit durable offsets this often"),
-    Setting("consume_batch", _positive_int, 10_000, "messages per consume() call"),
+    Setting("consume_batch", _positive_int, 10_000, "most messages per consume() call"),
+    Setting(
+        "consume_max_bytes",
+        _positive_int,
+        8 << 20,
+        "payload bytes per consume() call: fewer messages per call when they are large",
+    ),
     Setting("writer_threads", _positive_int, 2, "partition flushes written to the lake at once"),
     Setting("dedup_window_s", _non_negative_float, 600.0, "event-id dedup window in seconds (0 = off)"),
     Setting("dedup_max_ids", _positive_int, 4_000_000, "event ids held for dedup (32-64 MB per million)"),
@@ -270,6 +276,7 @@ class Config:
     lateness_days: float = DEFAULT_LATENESS_MS / 86_400_000
     commit_interval_s: float = 5.0
     consume_batch: int = 10_000
+    consume_max_bytes: int = 8 << 20
     writer_threads: int = 2
     dedup_window_s: float = 600.0
     dedup_max_ids: int = 4_000_000

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import logging
 import time
@@ -91,8 +92,9 @@ class Chunk:
     headers: list[Any] = field(default_factory=list)
     timestamps: list[tuple[int, int]] = field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
+        """Payload bytes; read once the chunk is complete (the consume loop, the buffer)."""
         return sum(len(p) for p in self.payloads if p is not None)
 
 

@@ -978,3 +978,24 @@ def test_an_owner_fenced_by_a_zombie_resumes_from_the_manifest(tmp_path: Path) -
         assert [c.offsets for c in chunks] == [[3, 4, 5]]
     finally:
         p.writer.close()
+
+
+def test_consume_calls_ask_for_about_consume_max_bytes(tmp_path: Path) -> None:
+    """10,000 messages of 100 events would be 330 MB in one call: the count follows the
+    size of the last messages, between 1 and consume_batch."""
+    from confluent_kafka import TopicPartition
+
+    p, consumer = pipeline(tmp_path / "lake")
+    try:
+        p._on_assign(consumer, [TopicPartition(TOPIC, 0)])
+        assert p.consume_count == 100  # before anything is known
+        p._size_consume(p._chunks([FakeMessage(TOPIC, 0, i, b"x" * 100_000) for i in range(3)]))
+        assert p.consume_count == p.config.consume_max_bytes // 100_000 == 83
+        p._size_consume(p._chunks([FakeMessage(TOPIC, 0, i, b"x" * 300) for i in range(3, 6)]))
+        assert p.consume_count == p.config.consume_batch
+        p._size_consume(p._chunks([FakeMessage(TOPIC, 0, 9, b"x" * (64 << 20))]))
+        assert p.consume_count == 1
+        p._size_consume([])  # nothing consumed: keep the last size
+        assert p.consume_count == 1
+    finally:
+        p.writer.close()
