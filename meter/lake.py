@@ -40,6 +40,7 @@ __all__ = [
     "KIND_DLQ",
     "KIND_EVENTS",
     "META_DIR",
+    "STALE_TEMP_S",
     "DataPath",
     "Intent",
     "IntentCorrupt",
@@ -49,6 +50,7 @@ __all__ = [
     "abs_path",
     "check_topic",
     "clear_orphans",
+    "clear_stale_temps",
     "data_file_name",
     "dlq_dir",
     "dlq_rel_dir",
@@ -606,6 +608,38 @@ def clear_orphans(lake: LakePath, topic: str, partition: int, covered: Callable[
     path = intent_path(lake, topic, partition)
     if _unlink_quiet(path):
         fsync_dir(path.parent)
+    return removed
+
+
+#: A hidden temp file older than this belongs to a write that died: a live write renames or
+#: links its temp within milliseconds.
+STALE_TEMP_S: Final = 600.0
+
+
+def clear_stale_temps(dirs: Iterable[Path], now: float, older_than_s: float = STALE_TEMP_S) -> list[Path]:
+    """Remove `temp_name` files older than ``older_than_s`` from ``dirs``; return them.
+
+    A SIGKILL during an intent, manifest entry or record write leaves its hidden temp; no
+    reader looks at it, but nothing else would remove it. Only old ones go, so the temp of
+    a write in progress elsewhere (a compaction, a zombie's entry) is never pulled away.
+    """
+    removed = []
+    for d in dirs:
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            path = d / name
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            try:
+                if now - path.stat().st_mtime > older_than_s and _unlink_quiet(path):
+                    removed.append(path)
+            except FileNotFoundError:
+                continue
+        if any(p.parent == d for p in removed):
+            fsync_dir(d)
     return removed
 
 

@@ -28,7 +28,7 @@ from meter import lake as lake_mod
 from meter import metrics, systemd
 from meter.config import Config
 from meter.dedup import Dedup
-from meter.manifest import load_partition
+from meter.manifest import load_partition, partition_dir
 from meter.pricing import Catalog, load_catalog
 from meter.signing import Verified, Verify
 from meter.stages import TP, Buffer, Chunk, DlqForwarder, Durable, Flush, LakeWriter, ParseAndPrice, Terminal
@@ -151,7 +151,8 @@ class Pipeline:
     # ------------------------------------------------------------ partitions
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Resume each partition from the manifest, after removing what a crashed flush left."""
+        """Resume each partition from the manifest, after removing what a crashed flush left
+        (its data files, and temp files of its intent or manifest entry)."""
         self.writer.join()  # nothing of an earlier ownership may land after the manifest is read
         lake = self.config.lake
         for tp in partitions:
@@ -161,6 +162,12 @@ class Pipeline:
                 return load_partition(lake, topic, partition).covers(offset)  # fresh read, see clear_orphans
 
             lake_mod.clear_orphans(lake, tp.topic, tp.partition, covered)
+            meta = (
+                partition_dir(lake, tp.topic, tp.partition),
+                lake_mod.intent_path(lake, tp.topic, tp.partition).parent,
+            )
+            for path in lake_mod.clear_stale_temps(meta, time.time()):
+                log.info("removed a dead write's temp file", extra={"path": str(path)})
             position = load_partition(lake, tp.topic, tp.partition).position
             self._resume(key, position)
             tp.offset = OFFSET_BEGINNING if position is None else position

@@ -453,3 +453,34 @@ def test_clear_orphans_rejects_misplaced_intent(tmp_path: Path) -> None:
     wrong.write_bytes(b"{not json")
     with pytest.raises(lake.IntentCorrupt):
         lake.read_intent(tmp_path, "t", 1)
+
+
+def test_clear_stale_temps_removes_only_old_hidden_temps(tmp_path: Path) -> None:
+    import time
+
+    from meter.lake import STALE_TEMP_S, clear_stale_temps
+
+    d = tmp_path / "manifest"
+    d.mkdir()
+    now = time.time()
+    old = now - STALE_TEMP_S - 1
+    names = {
+        ".00000000000000000000.json.a1.tmp": old,  # a killed entry write: goes
+        ".partition=0.json.b2.tmp": old,  # a killed intent write: goes
+        ".00000000000000000007.json.c3.tmp": now - 5,  # a write in progress: stays
+        "00000000000000000000.json": old,  # an entry: stays
+        "notes.tmp": old,  # not a hidden temp: stays
+    }
+    for name, mtime in names.items():
+        (d / name).write_bytes(b"{}")
+        os.utime(d / name, (mtime, mtime))
+    removed = clear_stale_temps([d, tmp_path / "missing"], now)
+    assert sorted(p.name for p in removed) == [
+        ".00000000000000000000.json.a1.tmp",
+        ".partition=0.json.b2.tmp",
+    ]
+    assert sorted(os.listdir(d)) == [
+        ".00000000000000000007.json.c3.tmp",
+        "00000000000000000000.json",
+        "notes.tmp",
+    ]

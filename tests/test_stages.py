@@ -852,6 +852,37 @@ def test_assignment_resumes_from_the_manifest(tmp_path: Path) -> None:
         p.writer.close()
 
 
+def test_assignment_removes_temp_files_of_dead_manifest_and_intent_writes(tmp_path: Path) -> None:
+    """A SIGKILL while an intent or a manifest entry is written leaves a hidden temp that no
+    reader sees; taking the partition removes it once it is old."""
+    import os
+    import time
+
+    from confluent_kafka import TopicPartition
+
+    from meter.lake import STALE_TEMP_S, intent_path
+    from meter.manifest import partition_dir
+
+    lake = tmp_path / "lake"
+    write_flush(str(lake), make_flush([event(1)], 0, after=None), "w")
+    old = time.time() - STALE_TEMP_S - 1
+    temps = [
+        partition_dir(lake, TOPIC, 0) / ".00000000000000000001.json.dead.tmp",
+        intent_path(lake, TOPIC, 0).parent / ".partition=0.json.dead.tmp",
+    ]
+    for path in temps:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"{")
+        os.utime(path, (old, old))
+    p, consumer = pipeline(lake)
+    try:
+        p._on_assign(consumer, [TopicPartition(TOPIC, 0)])
+    finally:
+        p.writer.close()
+    assert [path.exists() for path in temps] == [False, False]
+    assert p.positions == {(TOPIC, 0): 1}
+
+
 def test_assignment_recommits_the_manifest_position(tmp_path: Path) -> None:
     """DESIGN 6: offsets are committed again on a timer, because a commit that failed in a
     broker fault is not retried and a stale committed offset keeps lag alerts firing. A daemon
