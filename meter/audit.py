@@ -5,10 +5,12 @@ Checks, each reported as findings (an error fails the audit, a warning does not)
 1. **chain**: every Kafka partition's manifest entries are contiguous, without gap or
    overlap, and its rewrite records (compactions, restatements) apply
    (`meter.manifest.load_files`).
-2. **file**: every listed file exists, has the bytes and rows its record says, the
-   schema of its kind, and the sha256 the audit recorded the first time it saw it
-   (the ledger ``_meter/audit/sha256.json``: the manifest holds no checksum, so an
-   edit is caught from the second audit on; ``record=False`` keeps the lake unchanged).
+2. **file**: every listed file exists, has the bytes, rows and sha256 its record says
+   (the sha256 hashed as the file was written, so an edit is caught on the first audit)
+   and the schema of its kind. A file whose record predates checksums (no sha256) has
+   the sha256 the audit recorded the first time it saw it instead (the ledger
+   ``_meter/audit/sha256.json``: such an edit is caught from the second audit on;
+   ``record=False`` keeps the lake unchanged).
 3. **rows**: read back, the rows of each entry's offset range (found by offset, so
    compacted files count too) have the entry's accepted and rejected counts, token sums,
    exact cost, unpriced count and reject reasons; every consumed message has a row;
@@ -31,7 +33,6 @@ Checks, each reported as findings (an error fails the audit, a warning does not)
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,7 @@ from meter.rollup import (
     RollupRecord,
     current_sources,
     day_digest,
+    file_sha256,
     hour_digest,
     read_records,
     rollup_running,
@@ -89,7 +91,7 @@ __all__ = [
 ]
 
 Severity = Literal["error", "warning"]
-#: Where the audit keeps the sha256 of each listed file it has seen, relative to LAKE.
+#: Where the audit keeps the sha256 of each listed file whose record has none, relative to LAKE.
 LEDGER: Final = f"{META_DIR}/audit/sha256.json"
 _HASH_THREADS: Final = 4
 
@@ -164,14 +166,6 @@ class AuditReport:
                 for f in self.findings
             ],
         }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _connect() -> duckdb.DuckDBPyConnection:
@@ -251,6 +245,8 @@ class _Audit:
         self.checksums(checked)
 
     def checksums(self, files: Sequence[FileRecord]) -> None:
+        """Hash each file once and compare it with its record's sha256, or, for a record
+        without one, with the ledger's (recording it there the first time)."""
         ledger_path = self.root / LEDGER
         try:
             ledger: dict[str, str] = orjson.loads(ledger_path.read_bytes())
@@ -260,10 +256,19 @@ class _Audit:
             self.report.add("error", "file", LEDGER, f"unreadable checksum ledger: {e}")
             ledger = {}
         with ThreadPoolExecutor(_HASH_THREADS) as pool:
-            digests = list(pool.map(lambda f: _sha256(self.path(f.path)), files))
+            digests = list(pool.map(lambda f: file_sha256(self.path(f.path)), files))
         updated: dict[str, str] = {}
         for f, digest in zip(files, digests, strict=True):
             self.report.count("hashed")
+            if f.sha256 is not None:
+                if digest != f.sha256:
+                    self.report.add(
+                        "error", "file", f.path, f"sha256 {digest}, its record says {f.sha256}: "
+                        "the file changed after it was written"
+                    )  # fmt: skip
+                else:
+                    self.good_files[f.path] = f
+                continue
             known = ledger.get(f.path)
             if known is None:
                 self.report.count("hashes_new")
@@ -277,7 +282,7 @@ class _Audit:
             updated[f.path] = digest
             self.good_files[f.path] = f
         # Files that failed another check keep their recorded hash for when they come back.
-        listed = {f.path for pf in self.partitions for f in pf.live}
+        listed = {f.path for pf in self.partitions for f in pf.live if f.sha256 is None}
         for path, digest in ledger.items():
             if path in listed and path not in updated:
                 updated[path] = digest
@@ -568,7 +573,7 @@ class _Audit:
                 path = self.root / f.path
                 try:
                     size = path.stat().st_size
-                    digest = _sha256(path) if size == f.bytes else ""
+                    digest = file_sha256(path) if size == f.bytes else ""
                     rows = pq.ParquetFile(path).metadata.num_rows if digest == f.sha256 else -1
                 except FileNotFoundError:
                     self.report.add("error", "rollup", f.path, f"missing ({grain} rollup of {_where(key)})")

@@ -50,7 +50,9 @@ import pyarrow.parquet as pq
 from meter.lake import (
     META_DIR,
     DataPath,
+    HashingFile,
     LakePath,
+    Written,
     abs_path,
     check_topic,
     data_file_name,
@@ -402,21 +404,23 @@ def write_rows(
     rows: int,
     checkpoint: Callable[[str], None],
     step: str,
-) -> int:
+) -> Written:
     """Write ``tables`` as one Parquet file at ``rel`` the way the daemon writes its files
     (`meter.lake.parquet_options`); readers never see it partial.
 
     Row groups of up to `ROW_GROUP_ROWS`, buffered a few inputs at a time, so memory
     stays bounded whatever the file size; ``checkpoint(step)`` once the first table is
     in. The row count written is checked against ``rows`` before the rename into place
-    (temp name, fsync, rename, fsync the directory). Returns the file's bytes.
+    (temp name, fsync, rename, fsync the directory). Returns the file's bytes and sha256,
+    hashed as written (`meter.lake.HashingFile`).
     """
     final = abs_path(lake, rel)
     make_dirs(final.parent)
     tmp = final.with_name(temp_name(final.name, new_token()))
     try:
         with open(tmp, "xb") as f:
-            with pq.ParquetWriter(f, schema, **parquet_options(schema.names)) as writer:
+            sink = HashingFile(f)
+            with pq.ParquetWriter(sink, schema, **parquet_options(schema.names)) as writer:
                 pending: list[pa.Table] = []
                 pending_rows = pending_bytes = 0
                 for i, table in enumerate(tables):
@@ -432,16 +436,15 @@ def write_rows(
                     writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
             f.flush()
             os.fsync(f.fileno())
-            size = f.tell()
-        written = pq.read_metadata(tmp).num_rows
-        if written != rows:
-            raise CompactError(f"{rel}: wrote {written} rows, expected {rows}")
+        written_rows = pq.read_metadata(tmp).num_rows
+        if written_rows != rows:
+            raise CompactError(f"{rel}: wrote {written_rows} rows, expected {rows}")
         os.replace(tmp, final)
     except BaseException:
         _unlink(tmp)
         raise
     fsync_dir(final.parent)
-    return size
+    return sink.written()
 
 
 def _merge(lake: LakePath, group: Group, checkpoint: Callable[[str], None]) -> FileRecord:
@@ -467,8 +470,8 @@ def _merge(lake: LakePath, group: Group, checkpoint: Callable[[str], None]) -> F
                 raise CompactError(f"{rec.path} has another schema than {group.files[0].path}")
             yield table
 
-    size = write_rows(lake, group.output, first.schema, inputs(), group.rows, checkpoint, "merging")
-    return FileRecord(path=group.output, kind=group.files[0].kind, rows=group.rows, bytes=size)
+    out = write_rows(lake, group.output, first.schema, inputs(), group.rows, checkpoint, "merging")
+    return FileRecord(group.output, group.files[0].kind, group.rows, out.bytes, out.sha256)
 
 
 def delete_retired(

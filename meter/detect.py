@@ -729,7 +729,7 @@ def write_flags(
     digest = h.hexdigest()
     rel = _flags_rel(day, kind, digest)
     previous = _read_record(lake, day, kind)
-    size = write_parquet_atomic(table.cast(FLAGS), Path(lake) / rel)
+    size = write_parquet_atomic(table.cast(FLAGS), Path(lake) / rel).bytes
     record = {
         "v": 1,
         "date": day.isoformat(),

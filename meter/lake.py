@@ -22,13 +22,14 @@ flush or a compaction writes, has no suffix).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import re
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, BinaryIO, Final, Literal, NamedTuple, TypeVar
 
 import orjson
 import pyarrow as pa
@@ -42,11 +43,13 @@ __all__ = [
     "META_DIR",
     "STALE_TEMP_S",
     "DataPath",
+    "HashingFile",
     "Intent",
     "IntentCorrupt",
     "Kind",
     "LakePath",
     "OrphanRace",
+    "Written",
     "abs_path",
     "check_topic",
     "clear_orphans",
@@ -432,29 +435,63 @@ def parquet_options(columns: Iterable[str]) -> dict[str, Any]:
     }
 
 
-def write_parquet_atomic(table: pa.Table, final_path: LakePath) -> int:
+class Written(NamedTuple):
+    """What a durable write left on disk: its size and the sha256 of exactly those bytes."""
+
+    bytes: int
+    sha256: str
+
+
+class HashingFile:
+    """An open binary file that hashes every byte written through it.
+
+    pyarrow writes into any object with ``write`` and ``closed``, so a writer learns the
+    sha256 of the bytes it wrote as they pass, without reading the file back.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._sha256 = hashlib.sha256()
+        self._size = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def write(self, data: bytes) -> int:
+        self._sha256.update(data)
+        n = self._f.write(data)
+        self._size += n
+        return n
+
+    def written(self) -> Written:
+        return Written(self._size, self._sha256.hexdigest())
+
+
+def write_parquet_atomic(table: pa.Table, final_path: LakePath) -> Written:
     """Write ``table`` as zstd Parquet at ``final_path`` so no reader sees it partial.
 
     Written to a `temp_name` of its own in the same directory (a rename within one
     filesystem is atomic), fsynced, renamed into place, then the directory fsynced so
     the rename survives a power loss. Written with `parquet_options`.
-    A retry of the same flush replaces its own earlier file. Returns the file's bytes.
+    A retry of the same flush replaces its own earlier file. Returns the file's bytes
+    and sha256, hashed as written (`HashingFile`).
     """
     final_path = Path(final_path)
     make_dirs(final_path.parent)
     tmp = final_path.with_name(temp_name(final_path.name, new_token()))
     try:
         with open(tmp, "wb") as f:
-            pq.write_table(table, f, **parquet_options(table.column_names))
+            sink = HashingFile(f)
+            pq.write_table(table, sink, **parquet_options(table.column_names))
             f.flush()
             os.fsync(f.fileno())
-            size = f.tell()
         os.replace(tmp, final_path)
     except BaseException:
         _unlink_quiet(tmp)
         raise
     fsync_dir(final_path.parent)
-    return size
+    return sink.written()
 
 
 def write_bytes_atomic(data: bytes, final_path: LakePath) -> None:

@@ -99,6 +99,7 @@ FORMAT_VERSION: Final = 1
 ORIGIN_NAME: Final = "origin.json"
 _ENTRY_RE = re.compile(r"(\d{20})\.json")
 _COST_RE = re.compile(r"\d+(\.\d+)?")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _KINDS: Final = ("events", "dlq")
 _T = TypeVar("_T")
 
@@ -187,12 +188,18 @@ def format_cost(cost: Decimal) -> str:
 
 @dataclass(frozen=True, slots=True)
 class FileRecord:
-    """One data file a flush wrote: its path relative to LAKE, kind, rows and size."""
+    """One data file a flush or rewrite wrote: its path relative to LAKE, kind, rows, size
+    and the sha256 of its bytes, hashed as they were written (`meter.lake.HashingFile`).
+
+    ``sha256`` is None only in records written before files carried one; an audit checks
+    those against the checksums it recorded itself.
+    """
 
     path: str
     kind: Kind
     rows: int
     bytes: int
+    sha256: str | None
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -201,11 +208,18 @@ class FileRecord:
             raise ValueError(f"{self.path} is not a {self.kind} file")
         _count(self.rows, "rows")
         _count(self.bytes, "bytes")
+        sha256 = self.sha256
+        if sha256 is not None and not (isinstance(sha256, str) and _SHA256_RE.fullmatch(sha256)):
+            raise ValueError(f"{self.path}: sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
 
 
 def _file_json(f: FileRecord) -> dict[str, object]:
-    """A file's JSON object, the same in entries and rewrite records."""
-    return {"path": f.path, "kind": f.kind, "rows": f.rows, "bytes": f.bytes}
+    """A file's JSON object, the same in entries and rewrite records; ``sha256`` only when
+    known, so records written before it existed keep their bytes."""
+    d: dict[str, object] = {"path": f.path, "kind": f.kind, "rows": f.rows, "bytes": f.bytes}
+    if f.sha256 is not None:
+        d["sha256"] = f.sha256
+    return d
 
 
 def _file_from_json(d: object) -> FileRecord:
@@ -215,6 +229,7 @@ def _file_from_json(d: object) -> FileRecord:
         kind=_typed(d["kind"], str, "kind"),  # type: ignore[arg-type]
         rows=_typed(d["rows"], int, "rows"),
         bytes=_typed(d["bytes"], int, "bytes"),
+        sha256=_typed(d["sha256"], str, "sha256") if "sha256" in d else None,
     )
 
 
@@ -630,7 +645,6 @@ def totals(lake: LakePath) -> Totals:
 
 REWRITE_VERSION: Final = 1
 _REWRITE_RE = re.compile(r"compaction-(\d{20})\.json")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def rewrite_path(lake: LakePath, topic: str, partition: int, seq: int) -> Path:

@@ -399,10 +399,10 @@ def _restate_file(job: _Job, old: FileRecord, rel: str) -> Restatement:
             changed += n
             yield pa.Table.from_batches([new])
 
-    size = write_rows(job.lake, rel, source.schema_arrow, tables(), old.rows, job.checkpoint, "writing")
+    out = write_rows(job.lake, rel, source.schema_arrow, tables(), old.rows, job.checkpoint, "writing")
     return Restatement(
         replaces=old,
-        file=FileRecord(path=rel, kind=old.kind, rows=old.rows, bytes=size),
+        file=FileRecord(rel, old.kind, old.rows, out.bytes, out.sha256),
         old_cost_usd=format_cost(before.cost_usd),
         new_cost_usd=format_cost(after.cost_usd),
         old_unpriced=before.unpriced,

@@ -400,9 +400,11 @@ def read_records(lake: LakePath) -> tuple[dict[tuple[str, int | None], RollupRec
 
 
 def file_sha256(path: LakePath) -> str:
+    """The sha256 of a file read back: what a check compares with the digest a writer
+    hashed as it wrote (`meter.lake.HashingFile`)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
 
@@ -613,9 +615,8 @@ class _Builder:
     # -- files
 
     def write(self, table: pa.Table, rel: str) -> RollupFile:
-        path = self.abs(rel)
-        size = write_parquet_atomic(table, path)
-        return RollupFile(rel, table.num_rows, size, file_sha256(path))
+        out = write_parquet_atomic(table, self.abs(rel))
+        return RollupFile(rel, table.num_rows, out.bytes, out.sha256)
 
     def commit(self, record: RollupRecord, old: RollupRecord | None) -> None:
         """Replace the partition's record (the commit point) and retire replaced files."""

@@ -400,8 +400,8 @@ def write_flush(lake: str, flush: Flush, writer: str) -> ManifestEntry:
     crashpoint.at("after_intent", name)
     files = []
     for kind, rel, table in plan:
-        size = write_parquet_atomic(table, f"{lake}/{rel}")
-        files.append(FileRecord(path=rel, kind=kind, rows=table.num_rows, bytes=size))  # type: ignore[arg-type]
+        out = write_parquet_atomic(table, f"{lake}/{rel}")
+        files.append(FileRecord(rel, kind, table.num_rows, out.bytes, out.sha256))  # type: ignore[arg-type]
         crashpoint.at("after_file", rel)
     tokens, cost, unpriced = event_totals(flush.events)
     entry = ManifestEntry(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +21,7 @@ from meter.audit import LEDGER, audit
 from meter.cli import main
 from meter.compact import CompactPolicy, compact
 from meter.lake import write_intent, write_parquet_atomic
-from meter.manifest import entry_path, listed_files, load_partition
+from meter.manifest import ManifestEntry, entry_path, listed_files, listed_records, load_partition
 from meter.stages import Flush, write_flush
 
 
@@ -43,10 +45,9 @@ def test_a_healthy_lake_passes_without_warnings(healthy: SynthLake) -> None:
     assert report.ok and not report.findings, report.render()
     c = report.counts
     assert c["event_rows"] == 225 and c["dlq_rows"] == 3 and c["messages"] == 228
-    assert c["hashed"] == c["files"] == c["hashes_new"] and c["rollup_partitions"] > 0
-    assert (healthy.root / LEDGER).exists()
-    again = audit(healthy.root)
-    assert again.ok and again.counts["hashes_new"] == 0
+    assert c["hashed"] == c["files"] > 0 and c["rollup_partitions"] > 0
+    # every record has the sha256 its file was written with: the ledger has nothing to keep
+    assert c["hashes_new"] == 0 and not (healthy.root / LEDGER).exists()
 
 
 def test_deleted_file(healthy: SynthLake) -> None:
@@ -88,7 +89,6 @@ def test_edited_row_changes_the_sums(healthy: SynthLake) -> None:
 
 
 def test_edited_string_caught_by_the_recorded_checksum(healthy: SynthLake) -> None:
-    audit(healthy.root)  # records every file's sha256
     path = a_file(healthy)
     table = pq.read_table(path)
     users = table.column("user").to_pylist()
@@ -101,13 +101,64 @@ def test_edited_string_caught_by_the_recorded_checksum(healthy: SynthLake) -> No
 
 def test_edited_string_same_size(healthy: SynthLake) -> None:
     """An edit that keeps the byte count: only the recorded sha256 can see it."""
-    audit(healthy.root)
     path = a_file(healthy)
     data = bytearray(path.read_bytes())
     data[64] ^= 0x01  # inside the first column's pages, far from the footer
     path.write_bytes(bytes(data))
     found = errors(healthy)
     assert any(c == "file" and "sha256" in d for c, _, d in found), found
+
+
+def flip_created_by(path: Path) -> tuple[str, str]:
+    """Change one letter of the footer's writer name: same size, rows, schema and sums.
+    Returns the sha256 before and after."""
+    data = path.read_bytes()
+    i = data.rindex(b"parquet-cpp-arrow")
+    edited = data[:i] + b"P" + data[i + 1 :]
+    path.write_bytes(edited)
+    return hashlib.sha256(data).hexdigest(), hashlib.sha256(edited).hexdigest()
+
+
+def test_edit_keeping_rows_and_sums_is_caught_on_the_first_audit(healthy: SynthLake) -> None:
+    """The record's sha256 was hashed as the file was written: no earlier audit is needed."""
+    path = a_file(healthy)
+    rel = path.relative_to(healthy.root).as_posix()
+    record = next(f for f in listed_records(healthy.root) if f.path == rel)
+    before, after = flip_created_by(path)
+    assert record.sha256 == before and pq.read_table(path).num_rows == record.rows
+    found = errors(healthy)
+    assert found == [
+        ("file", rel, f"sha256 {after}, its record says {before}: the file changed after it was written")
+    ]
+    assert not (healthy.root / LEDGER).exists()
+
+
+def forget_checksums(root: Path) -> None:
+    """Rewrite every manifest entry as it was written before files had a sha256."""
+    for path in (root / "_meter" / "manifest").rglob("*.json"):
+        if path.name.startswith("compaction-"):
+            continue
+        entry = ManifestEntry.from_json(path.read_bytes())
+        files = tuple(dataclasses.replace(f, sha256=None) for f in entry.files)
+        path.write_bytes(dataclasses.replace(entry, files=files).to_json())
+
+
+def test_entries_without_checksums_use_the_ledger(healthy: SynthLake) -> None:
+    """Files listed before records had a sha256: the first audit records theirs (unless
+    ``record=False``), and an edit is caught from the next audit on."""
+    forget_checksums(healthy.root)
+    assert all(f.sha256 is None for f in listed_records(healthy.root))
+    report = audit(healthy.root, record=False)
+    assert report.ok and not (healthy.root / LEDGER).exists(), report.render()
+    report = audit(healthy.root)
+    assert report.ok and not report.findings, report.render()
+    assert report.counts["hashed"] == report.counts["files"] == report.counts["hashes_new"] > 0
+    assert audit(healthy.root).counts["hashes_new"] == 0
+    path = a_file(healthy)
+    before, after = flip_created_by(path)
+    found = errors(healthy)
+    assert [(c, w) for c, w, _ in found] == [("file", path.relative_to(healthy.root).as_posix())]
+    assert f"sha256 {after[:16]}... differs from the one recorded ({before[:16]}...)" in found[0][2]
 
 
 def test_extra_file(healthy: SynthLake) -> None:
@@ -182,8 +233,6 @@ def test_rollup_file_and_content_corruption(healthy: SynthLake) -> None:
 def test_rollup_that_disagrees_with_the_raw_events(healthy: SynthLake) -> None:
     """A rollup rewritten with one cost changed, its record updated to match: only the
     fresh aggregation can tell."""
-    import dataclasses
-
     records = R.read_records(healthy.root)[0]
     key = next(k for k in sorted(records, key=str) if k[1] is not None)
     record = records[key]
@@ -194,8 +243,7 @@ def test_rollup_that_disagrees_with_the_raw_events(healthy: SynthLake) -> None:
     j = next(n for n, c in enumerate(cost) if c is not None)
     cost[j] += type(cost[j])("0.000000000001")
     table = table.set_column(i, "cost_usd", pa.array(cost, table.schema.field(i).type))
-    size = write_parquet_atomic(table, healthy.root / rel)
-    f = R.RollupFile(rel, table.num_rows, size, R.file_sha256(healthy.root / rel))
+    f = R.RollupFile(rel, table.num_rows, *write_parquet_atomic(table, healthy.root / rel))
     forged = dataclasses.replace(record, files={**record.files, "minute": f})
     R.record_path(healthy.root, *key).write_bytes(forged.to_json())
     found = errors(healthy)
@@ -215,11 +263,6 @@ def test_stale_rollups_and_pending_writes_are_warnings(healthy: SynthLake) -> No
     assert report.ok, report.render()
     checks = {(f.check, f.severity) for f in report.findings}
     assert checks == {("rollup", "warning"), ("unlisted", "warning")}
-
-
-def test_record_false_changes_nothing(healthy: SynthLake) -> None:
-    assert audit(healthy.root, record=False).ok
-    assert not (healthy.root / LEDGER).exists()
 
 
 def test_compaction_then_rollups_and_audit(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ appending meanwhile, and queries running across it."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -148,7 +149,8 @@ def parquet_on_disk(root: Path) -> set[str]:
 
 
 def check_consistent(root: Path, expected: tuple[Any, ...]) -> None:
-    """Same rows and sums as ``expected``; every listed file exists and has its rows."""
+    """Same rows and sums as ``expected``; every listed file exists and has its record's
+    size and sha256."""
     got = snapshot(root)
     assert got[0] == expected[0]
     for a, b in zip(got[1:], expected[1:], strict=True):
@@ -156,7 +158,8 @@ def check_consistent(root: Path, expected: tuple[Any, ...]) -> None:
     disk = parquet_on_disk(root)
     for rec in listed_records(root):
         assert rec.path in disk
-        assert lake.abs_path(root, rec.path).stat().st_size == rec.bytes
+        data = lake.abs_path(root, rec.path).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (rec.bytes, rec.sha256)
 
 
 # --- pure: closed directories and the plan --------------------------------------------------
@@ -165,8 +168,8 @@ def check_consistent(root: Path, expected: tuple[Any, ...]) -> None:
 def rec(date: str, hour: int | None, start: int, end: int, size: int, *, partition: int = 0) -> FileRecord:
     name = lake.data_file_name(TOPIC, partition, start, end)
     if hour is None:
-        return FileRecord(lake.dlq_rel_path(date, name), "dlq", end - start, size)
-    return FileRecord(lake.events_rel_path(date, hour, name), "events", end - start, size)
+        return FileRecord(lake.dlq_rel_path(date, name), "dlq", end - start, size, None)
+    return FileRecord(lake.events_rel_path(date, hour, name), "events", end - start, size, None)
 
 
 def test_is_closed() -> None:
@@ -262,7 +265,7 @@ def test_record_round_trip() -> None:
         (lambda: Replacement((rec("2026-01-01", 0, 0, 5, 1), rec("2026-01-01", 0, 5, 9, 1)),
                              rec("2026-01-01", 0, 0, 10, 1)), "named"),
         (lambda: Replacement((rec("2026-01-01", 0, 0, 5, 1), rec("2026-01-01", 0, 5, 9, 1)),
-                             FileRecord(rec("2026-01-01", 0, 0, 9, 1).path, "events", 8, 1)), "rows"),
+                             FileRecord(rec("2026-01-01", 0, 0, 9, 1).path, "events", 8, 1, None)), "rows"),
         (lambda: Replacement((rec("2026-01-01", 0, 0, 5, 1), rec("2026-01-01", 0, 6, 9, 1, partition=1)),
                              rec("2026-01-01", 0, 0, 9, 1)), "partition"),
         (lambda: CompactionRecord(TOPIC, 0, 0, (replacement(),), "w", 1), "seq"),
@@ -318,7 +321,7 @@ def test_apply_rewrites() -> None:
     with pytest.raises(ManifestCorrupt, match="not listed"):
         apply_rewrites([], [first])
     # Replacing a file listed with other bytes is a corrupt record too.
-    other = Replacement((r1.replaces[0], FileRecord(r1.replaces[1].path, "events", 15, 999)), r1.file)
+    other = Replacement((r1.replaces[0], FileRecord(r1.replaces[1].path, "events", 15, 999, None)), r1.file)
     with pytest.raises(ManifestCorrupt, match="not listed"):
         apply_rewrites([E()], [CompactionRecord(TOPIC, 0, 1, (other,), "w", 1)])  # type: ignore[list-item]
 

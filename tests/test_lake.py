@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import io
 import os
 from decimal import Decimal
 from pathlib import Path
@@ -299,9 +301,10 @@ def test_write_parquet_atomic_round_trip(tmp_path: Path) -> None:
     table = events_table([ms(2026, 5, 6, 7, 8, 9) + 123, ms(2026, 5, 6, 7, 59)])
     name = lake.data_file_name("t", 0, 0, 2)
     final = lake.events_dir(tmp_path, "2026-05-06", 7) / name
-    size = lake.write_parquet_atomic(table, final)
+    written = lake.write_parquet_atomic(table, final)
 
-    assert size == final.stat().st_size > 0
+    assert written.bytes == final.stat().st_size > 0
+    assert written.sha256 == hashlib.sha256(final.read_bytes()).hexdigest()
     assert sorted(p.name for p in final.parent.iterdir()) == [name]  # no temp left
     back = pq.read_table(final)
     assert back.schema.field("ts").type == pa.timestamp("ms", tz="UTC")
@@ -326,6 +329,23 @@ def test_write_parquet_atomic_round_trip(tmp_path: Path) -> None:
     ).fetchone()  # type: ignore[misc]
     assert epoch_ms == ms(2026, 5, 6, 7, 8, 9) + 123
     assert typ == "TIMESTAMP WITH TIME ZONE"
+
+
+def test_hashing_file_passes_bytes_through_unchanged(tmp_path: Path) -> None:
+    """pyarrow writes the same bytes into a `HashingFile` as into a plain file, and the
+    digest is of exactly those bytes."""
+    table = events_table([ms(2026, 1, 1)] * 50)
+    options = lake.parquet_options(table.column_names)
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(table, plain, **options)
+    buf = io.BytesIO()
+    sink = lake.HashingFile(buf)
+    with pq.ParquetWriter(sink, table.schema, **options) as writer:
+        writer.write_table(table)
+    data = plain.read_bytes()
+    assert buf.getvalue() == data
+    assert sink.written() == lake.Written(len(data), hashlib.sha256(data).hexdigest())
+    assert lake.HashingFile(io.BytesIO()).written().sha256 == hashlib.sha256().hexdigest()
 
 
 def test_write_parquet_atomic_never_ns(tmp_path: Path) -> None:

@@ -75,14 +75,15 @@ def make_entry(
     events: int = 8,
     dlq: int = 2,
     cost: str = "1.5",
+    sha256: str | None = None,
     **over: Any,
 ) -> ManifestEntry:
     name = lake.data_file_name(topic, partition, start, end)
     files: list[FileRecord] = []
     if events:
-        files.append(FileRecord(lake.events_rel_path("2026-01-01", 0, name), "events", events, 100))
+        files.append(FileRecord(lake.events_rel_path("2026-01-01", 0, name), "events", events, 100, sha256))
     if dlq:
-        files.append(FileRecord(lake.dlq_rel_path("2026-01-01", name), "dlq", dlq, 50))
+        files.append(FileRecord(lake.dlq_rel_path("2026-01-01", name), "dlq", dlq, 50, sha256))
     fields: dict[str, Any] = {
         "topic": topic,
         "partition": partition,
@@ -132,7 +133,8 @@ def test_json_round_trip_and_determinism() -> None:
 
 
 def test_entry_bytes_are_stable() -> None:
-    """Entries already in lakes load and write back byte for byte."""
+    """Entries already in lakes (written before files had a sha256) load and write back
+    byte for byte."""
     data = (
         b'{"accepted":8,"cost_usd":"1.5","end":10,"files":[{"bytes":100,"kind":"events","path":'
         b'"events/date=2026-01-01/hour=00/usage.v1.0.00000000000000000000-00000000000000000010.parquet",'
@@ -145,6 +147,33 @@ def test_entry_bytes_are_stable() -> None:
     )
     entry = make_entry(rejects_by_reason={"wrong_type": 1, "invalid_json": 1})
     assert entry.to_json() == data and ManifestEntry.from_json(data) == entry
+    assert all(f.sha256 is None for f in entry.files)
+
+
+def test_entry_bytes_with_sha256() -> None:
+    """Files with a sha256: the key sits in each file's object, and nothing else changes."""
+    digest = "0123456789abcdef" * 4
+    data = (
+        b'{"accepted":8,"cost_usd":"1.5","end":10,"files":[{"bytes":100,"kind":"events","path":'
+        b'"events/date=2026-01-01/hour=00/usage.v1.0.00000000000000000000-00000000000000000010.parquet",'
+        b'"rows":8,"sha256":"' + digest.encode() + b'"},{"bytes":50,"kind":"dlq","path":'
+        b'"dlq/date=2026-01-01/usage.v1.0.00000000000000000000-00000000000000000010.parquet","rows":2,'
+        b'"sha256":"' + digest.encode() + b'"}],'
+        b'"messages":10,"partition":0,"rejected":2,"rejects_by_reason":{"invalid_json":1,"wrong_type":1},'
+        b'"start":0,"tokens":{"cache_read_tokens":20,"cache_write_1h_tokens":40,"cache_write_tokens":30,'
+        b'"input_tokens":0,"output_tokens":10,"reasoning_tokens":50},"topic":"usage.v1","unpriced":0,'
+        b'"v":1,"writer":"host-a/123","written_at_ms":1767225600000}'
+    )
+    entry = make_entry(rejects_by_reason={"wrong_type": 1, "invalid_json": 1}, sha256=digest)
+    assert entry.to_json() == data and ManifestEntry.from_json(data) == entry
+    assert all(f.sha256 == digest for f in entry.files)
+
+
+@pytest.mark.parametrize("digest", ["AB" * 32, "ab" * 31, "ab" * 33, "g" * 64, "", b"ab" * 32, 1])
+def test_file_sha256_must_be_64_lowercase_hex(digest: Any) -> None:
+    ev = make_entry().files[0]
+    with pytest.raises(ValueError, match="sha256"):
+        dataclasses.replace(ev, sha256=digest)
 
 
 def test_tokens_default_to_zero() -> None:
@@ -191,9 +220,9 @@ def test_entry_files_must_match_counts_and_range() -> None:
     with pytest.raises(ValueError, match="another range"):
         dataclasses.replace(good, files=(dataclasses.replace(ev, path=other), dl))
     with pytest.raises(ValueError, match="not a dlq file"):
-        FileRecord(ev.path, "dlq", 1, 1)
+        FileRecord(ev.path, "dlq", 1, 1, None)
     with pytest.raises(ValueError):
-        FileRecord(ev.path, "flags", 1, 1)  # type: ignore[arg-type]
+        FileRecord(ev.path, "flags", 1, 1, None)  # type: ignore[arg-type]
     # several hour files of one flush add up
     hour1 = dataclasses.replace(ev, path=ev.path.replace("hour=00", "hour=01"), rows=3)
     assert dataclasses.replace(good, files=(dataclasses.replace(ev, rows=5), hour1, dl))
@@ -209,10 +238,12 @@ def test_entry_files_must_match_counts_and_range() -> None:
         lambda d: d.update(files={}),
         lambda d: d["files"][0].update(rows=8.0),
         lambda d: d.update(cost_usd=1.5),
+        lambda d: d["files"][0].update(sha256=None),
+        lambda d: d["files"][0].update(sha256="AB" * 32),
     ],
 )
 def test_from_json_rejects_malformed(mutate: Any) -> None:
-    d = orjson.loads(make_entry().to_json())
+    d = orjson.loads(make_entry(sha256="ab" * 32).to_json())
     mutate(d)
     with pytest.raises(ValueError):
         ManifestEntry.from_json(orjson.dumps(d))
@@ -402,7 +433,7 @@ def test_end_to_end_flush_and_duckdb_view(tmp_path: Path) -> None:
     lake.write_intent(root, "usage.v1", 0, 0, 4, [rel for rel, _ in planned])
     files = tuple(
         FileRecord(rel, lake.parse_rel_path(rel).kind, t.num_rows,
-                   lake.write_parquet_atomic(t, lake.abs_path(root, rel)))
+                   *lake.write_parquet_atomic(t, lake.abs_path(root, rel)))
         for rel, t in planned
     )  # fmt: skip
     tokens, cost, unpriced = event_totals(events)
@@ -435,7 +466,7 @@ def _file(
     start: int, end: int, version: int = 1, rows: int = 4, size: int = 100, hour: int = 0
 ) -> FileRecord:
     name = lake.data_file_name("usage.v1", 0, start, end, version)
-    return FileRecord(lake.events_rel_path("2026-01-01", hour, name), "events", rows, size)
+    return FileRecord(lake.events_rel_path("2026-01-01", hour, name), "events", rows, size, f"{version:064x}")
 
 
 REF = CatalogRef("prices/corrected.toml", "ab" * 32)
@@ -489,8 +520,8 @@ def test_restatement_record_round_trip_and_sums() -> None:
         (lambda: restated(changed=0), "no row changed"),
         (lambda: restated(new_unpriced=5), "new_unpriced"),
         (lambda: restated(replaces=FileRecord(lake.dlq_rel_path("2026-01-01", lake.data_file_name(
-            "usage.v1", 0, 0, 4)), "dlq", 4, 1), file=FileRecord(lake.dlq_rel_path("2026-01-01",
-            lake.data_file_name("usage.v1", 0, 0, 4, 2)), "dlq", 4, 1)), "only events"),
+            "usage.v1", 0, 0, 4)), "dlq", 4, 1, None), file=FileRecord(lake.dlq_rel_path("2026-01-01",
+            lake.data_file_name("usage.v1", 0, 0, 4, 2)), "dlq", 4, 1, None)), "only events"),
         (lambda: record(files=()), "no restated file"),
         (lambda: record(restated(), restated()), "two replacements"),
         (lambda: record(seq=0), "seq"),

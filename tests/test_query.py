@@ -95,12 +95,12 @@ def flush(root: Path, start: int, events: pa.Table, dlq: pa.Table, after: int | 
     files = []
     for (date, hour), part in lake.split_by_hour(events):
         rel = lake.events_rel_path(date, hour, name)
-        size = lake.write_parquet_atomic(part, lake.abs_path(root, rel))
-        files.append(FileRecord(rel, "events", part.num_rows, size))
+        written = lake.write_parquet_atomic(part, lake.abs_path(root, rel))
+        files.append(FileRecord(rel, "events", part.num_rows, *written))
     for date, part in lake.split_dlq_by_date(dlq):
         rel = lake.dlq_rel_path(date, name)
-        size = lake.write_parquet_atomic(part, lake.abs_path(root, rel))
-        files.append(FileRecord(rel, "dlq", part.num_rows, size))
+        written = lake.write_parquet_atomic(part, lake.abs_path(root, rel))
+        files.append(FileRecord(rel, "dlq", part.num_rows, *written))
     tokens, cost, unpriced = event_totals(events)
     entry = ManifestEntry(
         topic=TOPIC, partition=0, start=start, end=end, messages=end - start,

@@ -132,6 +132,7 @@ def test_apply_restates_exactly(lake: SynthLake, other: Path) -> None:
     records = restatements(root)
     assert sum((r.cost_change for r in records), Decimal(0)) == difference == report.difference_usd
     assert all(r.catalog == ref and r.writer == "test" for r in records)
+    assert all(f.file.sha256 == sha(L.abs_path(root, f.file.path)) for r in records for f in r.files)
     assert Decimal(totals(root).cost_usd) == before_cost + difference
     check_exact(root)
     assert_exact(root)  # every rollup grain against the raw rows, and totals()
@@ -149,8 +150,9 @@ def test_apply_restates_exactly(lake: SynthLake, other: Path) -> None:
 
 def test_report_sums_are_exact() -> None:
     """Past the 28 digits of Python's default decimal context."""
-    old = FileRecord(L.events_rel_path("2026-01-01", 0, L.data_file_name(TOPIC, 0, 0, 1)), "events", 1, 10)
-    new = FileRecord(L.next_version_path(old.path), "events", 1, 10)
+    rel = L.events_rel_path("2026-01-01", 0, L.data_file_name(TOPIC, 0, 0, 1))
+    old = FileRecord(rel, "events", 1, 10, None)
+    new = FileRecord(L.next_version_path(old.path), "events", 1, 10, "ab" * 32)
     big = "99999999999999999999999999.999999999999"
     report = RestateReport()
     for old_cost, new_cost in ((big, "0.000000000001"), ("0.000000000001", big)):
@@ -192,7 +194,7 @@ def test_audit_catches_a_restated_file_edited_afterwards(lake: SynthLake, other:
     root = lake.root
     catalog, ref = load_catalog_file(other)
     report = restate(root, catalog, ref, delete_grace_s=0)
-    assert audit(root).ok  # records the new versions' sha256
+    assert audit(root).ok
     path = L.abs_path(root, report.restated[0])
     table = pq.read_table(path)
     costs = table.column("cost_usd").to_pylist()

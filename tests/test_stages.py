@@ -5,6 +5,7 @@ and its fence, the writer thread, and offset commits retried on the timer."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal
@@ -475,6 +476,7 @@ def test_write_flush_files_and_manifest_entry(tmp_path: Path) -> None:
         table = pq.read_table(lake / rel)
         assert table.num_rows == record.rows
         assert (lake / rel).stat().st_size == record.bytes
+        assert record.sha256 == hashlib.sha256((lake / rel).read_bytes()).hexdigest()
         assert record.kind == rel.split("/")[0]
         assert table.schema.equals(LAKE_EVENTS if record.kind == "events" else DLQ)
     assert by_path[f"events/date=2025-11-29/hour=00/{name}"].rows == 2
@@ -692,7 +694,7 @@ def durable(partition: int, start: int, end: int, topic: str = TOPIC) -> Durable
         tokens={},
         cost_usd="0",
         unpriced=0,
-        files=(FileRecord(dlq_rel_path("2025-11-29", name), "dlq", n, 100),),
+        files=(FileRecord(dlq_rel_path("2025-11-29", name), "dlq", n, 100, None),),
         writer="w",
         written_at_ms=NOW_MS,
     )
