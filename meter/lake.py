@@ -53,7 +53,7 @@ __all__ = [
     "abs_path",
     "check_topic",
     "clear_orphans",
-    "clear_stale_temps",
+    "clear_temps",
     "data_file_name",
     "dlq_dir",
     "dlq_rel_dir",
@@ -75,6 +75,7 @@ __all__ = [
     "rel_posix",
     "split_by_hour",
     "split_dlq_by_date",
+    "temp_final_name",
     "temp_name",
     "write_bytes_atomic",
     "write_intent",
@@ -653,12 +654,24 @@ def clear_orphans(lake: LakePath, topic: str, partition: int, covered: Callable[
 STALE_TEMP_S: Final = 600.0
 
 
-def clear_stale_temps(dirs: Iterable[Path], now: float, older_than_s: float = STALE_TEMP_S) -> list[Path]:
-    """Remove `temp_name` files older than ``older_than_s`` from ``dirs``; return them.
+def temp_final_name(name: str) -> str | None:
+    """The final name a `temp_name` stands for; None when ``name`` is not a temp name."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    final, _, token = name[1:-4].rpartition(".")
+    return final if final and _TOKEN_RE.fullmatch(token) else None
+
+
+def clear_temps(
+    dirs: Iterable[Path], ours: Callable[[str], bool], now: float, older_than_s: float = STALE_TEMP_S
+) -> list[Path]:
+    """Remove temp files from ``dirs``: those of final names ``ours`` whatever their age, any
+    other older than ``older_than_s``; return what was removed.
 
     A SIGKILL during an intent, manifest entry or record write leaves its hidden temp; no
-    reader looks at it, but nothing else would remove it. Only old ones go, so the temp of
-    a write in progress elsewhere (a compaction, a zombie's entry) is never pulled away.
+    reader looks at it, but nothing else would remove it. ``ours`` names the writes of a
+    partition the caller has just taken, whose writer is dead or fenced; other temps may be
+    a write in progress elsewhere (a compaction's record), so only old ones go.
     """
     removed = []
     for d in dirs:
@@ -667,14 +680,16 @@ def clear_stale_temps(dirs: Iterable[Path], now: float, older_than_s: float = ST
         except FileNotFoundError:
             continue
         for name in names:
-            path = d / name
-            if not (name.startswith(".") and name.endswith(".tmp")):
+            final = temp_final_name(name)
+            if final is None:
                 continue
+            path = d / name
             try:
-                if now - path.stat().st_mtime > older_than_s and _unlink_quiet(path):
-                    removed.append(path)
+                dead = ours(final) or now - path.stat().st_mtime > older_than_s
             except FileNotFoundError:
                 continue
+            if dead and _unlink_quiet(path):
+                removed.append(path)
         if any(p.parent == d for p in removed):
             fsync_dir(d)
     return removed

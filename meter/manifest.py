@@ -153,6 +153,11 @@ def partition_dir(lake: LakePath, topic: str, partition: int) -> Path:
     return Path(lake) / META_DIR / "manifest" / f"topic={topic}" / f"partition={partition}"
 
 
+def is_entry_name(name: str) -> bool:
+    """Whether ``name`` is a manifest entry's file name (`entry_path`)."""
+    return _ENTRY_RE.fullmatch(name) is not None
+
+
 def entry_path(lake: LakePath, topic: str, partition: int, start: int) -> Path:
     """The one name an entry starting at ``start`` can have: the fence of `append_entry`."""
     if start < 0:

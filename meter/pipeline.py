@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -28,7 +29,7 @@ from meter import lake as lake_mod
 from meter import metrics, systemd
 from meter.config import Config
 from meter.dedup import Dedup
-from meter.manifest import load_partition, partition_dir
+from meter.manifest import is_entry_name, load_partition, partition_dir
 from meter.pricing import Catalog, load_catalog
 from meter.signing import Verified, Verify
 from meter.stages import TP, Buffer, Chunk, DlqForwarder, Durable, Flush, LakeWriter, ParseAndPrice, Terminal
@@ -162,11 +163,7 @@ class Pipeline:
                 return load_partition(lake, topic, partition).covers(offset)  # fresh read, see clear_orphans
 
             lake_mod.clear_orphans(lake, tp.topic, tp.partition, covered)
-            meta = (
-                partition_dir(lake, tp.topic, tp.partition),
-                lake_mod.intent_path(lake, tp.topic, tp.partition).parent,
-            )
-            for path in lake_mod.clear_stale_temps(meta, time.time()):
+            for path in self._clear_temps(tp.topic, tp.partition):
                 log.info("removed a dead write's temp file", extra={"path": str(path)})
             position = load_partition(lake, tp.topic, tp.partition).position
             self._resume(key, position)
@@ -185,6 +182,15 @@ class Pipeline:
         log.info(
             "partitions assigned",
             extra={"partitions": [f"{t.topic}[{t.partition}]@{t.offset}" for t in partitions]},
+        )
+
+    def _clear_temps(self, topic: str, partition: int) -> list[Path]:
+        """Temp files of this partition's intent and entries (their writer is dead or fenced:
+        the partition is ours now), and any other dead write's in those directories."""
+        intent = lake_mod.intent_path(self.config.lake, topic, partition)
+        dirs = (partition_dir(self.config.lake, topic, partition), intent.parent)
+        return lake_mod.clear_temps(
+            dirs, lambda name: name == intent.name or is_entry_name(name), time.time()
         )
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -428,8 +428,8 @@ def check_lake(lake: Path, topic: str, partitions: int, expect: Expect, sent: Se
             f"(e.g. {list(missing.items())[:5]}), "
             f"{sum(extra.values())} extra (e.g. {list(extra.items())[:5]})"
         )
-    assert temp_files(lake) == []
-    assert unlisted_files(lake) == []
+    assert temp_files(lake) == [], f"temp files left: {temp_files(lake)}"
+    assert unlisted_files(lake) == [], f"unlisted data files: {unlisted_files(lake)}"
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table | None:

@@ -475,32 +475,43 @@ def test_clear_orphans_rejects_misplaced_intent(tmp_path: Path) -> None:
         lake.read_intent(tmp_path, "t", 1)
 
 
-def test_clear_stale_temps_removes_only_old_hidden_temps(tmp_path: Path) -> None:
+def test_temp_final_name_inverts_temp_name() -> None:
+    from meter.lake import new_token, temp_final_name, temp_name
+
+    assert temp_final_name(temp_name("partition=3.json", "123-abc")) == "partition=3.json"
+    assert temp_final_name(temp_name("t.0.00-10.parquet", new_token())) == "t.0.00-10.parquet"
+    for name in ("partition=3.json", ".partition=3.json", ".x.tmp", "..tmp", ".a.b c.tmp", "a.b.tmp"):
+        assert temp_final_name(name) is None, name
+
+
+def test_clear_temps_removes_ours_at_any_age_and_others_when_old(tmp_path: Path) -> None:
     import time
 
-    from meter.lake import STALE_TEMP_S, clear_stale_temps
+    from meter.lake import STALE_TEMP_S, clear_temps
 
     d = tmp_path / "manifest"
     d.mkdir()
     now = time.time()
     old = now - STALE_TEMP_S - 1
     names = {
-        ".00000000000000000000.json.a1.tmp": old,  # a killed entry write: goes
-        ".partition=0.json.b2.tmp": old,  # a killed intent write: goes
-        ".00000000000000000007.json.c3.tmp": now - 5,  # a write in progress: stays
+        ".00000000000000000007.json.c3.tmp": now - 5,  # ours, fresh: goes
+        ".00000000000000000000.json.a1.tmp": old,  # ours, old: goes
+        ".compaction-00000000000000000001.json.b2.tmp": old,  # another write's, old: goes
+        ".compaction-00000000000000000002.json.d4.tmp": now - 5,  # another write's, fresh: stays
         "00000000000000000000.json": old,  # an entry: stays
-        "notes.tmp": old,  # not a hidden temp: stays
+        "notes.tmp": old,  # not a temp name: stays
     }
     for name, mtime in names.items():
         (d / name).write_bytes(b"{}")
         os.utime(d / name, (mtime, mtime))
-    removed = clear_stale_temps([d, tmp_path / "missing"], now)
+    removed = clear_temps([d, tmp_path / "missing"], lambda final: final[0].isdigit(), now)
     assert sorted(p.name for p in removed) == [
         ".00000000000000000000.json.a1.tmp",
-        ".partition=0.json.b2.tmp",
+        ".00000000000000000007.json.c3.tmp",
+        ".compaction-00000000000000000001.json.b2.tmp",
     ]
     assert sorted(os.listdir(d)) == [
-        ".00000000000000000007.json.c3.tmp",
+        ".compaction-00000000000000000002.json.d4.tmp",
         "00000000000000000000.json",
         "notes.tmp",
     ]

@@ -856,32 +856,30 @@ def test_assignment_resumes_from_the_manifest(tmp_path: Path) -> None:
 
 def test_assignment_removes_temp_files_of_dead_manifest_and_intent_writes(tmp_path: Path) -> None:
     """A SIGKILL while an intent or a manifest entry is written leaves a hidden temp that no
-    reader sees; taking the partition removes it once it is old."""
-    import os
-    import time
-
+    reader sees (with several writer threads, one per partition in flight). Taking the
+    partition removes its own at once; another partition's fresh intent temp stays."""
     from confluent_kafka import TopicPartition
 
-    from meter.lake import STALE_TEMP_S, intent_path
+    from meter.lake import intent_path, temp_name
     from meter.manifest import partition_dir
 
     lake = tmp_path / "lake"
     write_flush(str(lake), make_flush([event(1)], 0, after=None), "w")
-    old = time.time() - STALE_TEMP_S - 1
-    temps = [
-        partition_dir(lake, TOPIC, 0) / ".00000000000000000001.json.dead.tmp",
-        intent_path(lake, TOPIC, 0).parent / ".partition=0.json.dead.tmp",
+    intents = intent_path(lake, TOPIC, 0).parent
+    ours = [
+        partition_dir(lake, TOPIC, 0) / temp_name("00000000000000000001.json", "dead"),
+        intents / temp_name("partition=0.json", "dead"),
     ]
-    for path in temps:
+    others = [intents / temp_name("partition=1.json", "live")]
+    for path in ours + others:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"{")
-        os.utime(path, (old, old))
     p, consumer = pipeline(lake)
     try:
         p._on_assign(consumer, [TopicPartition(TOPIC, 0)])
     finally:
         p.writer.close()
-    assert [path.exists() for path in temps] == [False, False]
+    assert [path.exists() for path in ours + others] == [False, False, True]
     assert p.positions == {(TOPIC, 0): 1}
 
 
