@@ -18,11 +18,14 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
 if TYPE_CHECKING:  # imported inside the fixtures: unit tests never load confluent-kafka
+    from faultkit import Runner
+
     from meter.brokers import MockCluster, TansuBroker
 
 
@@ -53,6 +56,19 @@ def mock_cluster() -> Iterator[MockCluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def runner(tansu: TansuBroker, tmp_path: Path) -> Iterator[Runner]:
+    """Starts `meter run` processes on Tansu for one test (tests/faultkit.py); kills what
+    still runs at the end and prints the ends of their logs."""
+    from faultkit import Runner
+
+    r = Runner(tansu.bootstrap_servers, tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 def _slug(nodeid: str) -> str:

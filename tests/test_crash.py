@@ -26,8 +26,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -67,15 +66,6 @@ CYCLE_S = 6.5
 #: Injected crash steps, in turn, for every third kill; the probability is per step passed.
 HOOKS = ("after_file", "after_manifest", "after_intent")
 HOOK_PROBABILITY = 0.25
-
-
-@pytest.fixture
-def runner(tansu: Any, tmp_path: Path) -> Iterator[Runner]:
-    r = Runner(tansu.bootstrap_servers, tmp_path)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def wait_until(what: str, done: Callable[[], bool], daemon: Daemon, timeout: float) -> None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +32,6 @@ RATE = max(2_000, EVENTS // 60)
 PARTITIONS = 4
 SESSION_TIMEOUT_MS = 2000
 KAFKA = {"heartbeat.interval.ms": 400}
-
-
-@pytest.fixture
-def runner(tansu: Any, tmp_path: Path) -> Iterator[Runner]:
-    r = Runner(tansu.bootstrap_servers, tmp_path)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def test_resent_messages_are_not_double_counted(

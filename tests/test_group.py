@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +42,6 @@ PARTITIONS = 12
 PER_MESSAGE = 4
 SESSION_TIMEOUT_MS = 3000
 KAFKA = {"heartbeat.interval.ms": 500}
-
-
-@pytest.fixture
-def runner(tansu: Any, tmp_path: Path) -> Iterator[Runner]:
-    r = Runner(tansu.bootstrap_servers, tmp_path)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def wait_stable(members: list[Daemon], timeout: float = 60.0) -> dict[str, set[int]]:
