@@ -245,9 +245,12 @@ class Sent:
         return sum(self.counts.values())
 
 
-def read_back(brokers: str, topic: str, partitions: int, messages: int, timeout: float = 120.0) -> Sent:
+def read_back(brokers: str, topic: str, partitions: int, messages: int, timeout: float | None = None) -> Sent:
     """Consume the whole topic without a group. Tansu's reported high watermark can run short
-    of the real end offset, so the ends are counted here."""
+    of the real end offset, so the ends are counted here. The time allowed grows with the
+    topic (the mock cluster serves a long run's topic at a few thousand messages a second)."""
+    if timeout is None:
+        timeout = 120.0 + messages / 1000
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     consumer = Consumer(
