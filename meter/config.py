@@ -200,7 +200,12 @@ SETTINGS: tuple[Setting, ...] = (
         8 << 20,
         "payload bytes per consume() call: fewer messages per call when they are large",
     ),
-    Setting("writer_threads", _positive_int, 2, "partition flushes written to the lake at once"),
+    Setting(
+        "writer_threads",
+        _positive_int,
+        2,
+        "partition flushes written to the lake at once (one partition's always in order)",
+    ),
     Setting("dedup_window_s", _non_negative_float, 600.0, "event-id dedup window in seconds (0 = off)"),
     Setting("dedup_max_ids", _positive_int, 4_000_000, "event ids held for dedup (32-64 MB per million)"),
     Setting("session_timeout_ms", _positive_int, 10_000, "consumer group session timeout"),
