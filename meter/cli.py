@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import orjson
 
@@ -577,6 +578,16 @@ def _sign(args: argparse.Namespace) -> int:
     return keytool.sign(args)
 
 
+def _module_cli(module: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that is ``module.cli(args, stdout)``, imported only when it runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        result: int = importlib.import_module(module).cli(args, sys.stdout)
+        return result
+
+    return run
+
+
 def _add_detect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "detect",
@@ -600,13 +611,7 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--limit", type=int, default=50, metavar="N", help="table: users shown (0: all)")
     p.add_argument("--threads", type=int, metavar="N", help="DuckDB threads (default: all cores)")
-    p.set_defaults(func=_detect)
-
-
-def _detect(args: argparse.Namespace) -> int:
-    from meter.detect import cli
-
-    return cli(args, sys.stdout)
+    p.set_defaults(func=_module_cli("meter.detect"))
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -629,13 +634,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
     p.add_argument("--policy", metavar="FILE", help="policy TOML ([detect] min_days, automation clients)")
     p.add_argument("--limit", type=int, metavar="N", help="table and html: rows shown (default: all)")
-    p.set_defaults(func=_report)
-
-
-def _report(args: argparse.Namespace) -> int:
-    from meter.report import cli
-
-    return cli(args, sys.stdout)
+    p.set_defaults(func=_module_cli("meter.report"))
 
 
 def _add_scenario(sub: argparse._SubParsersAction) -> None:
@@ -659,13 +658,7 @@ def _add_scenario(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--policy-out", metavar="FILE", help="policy TOML with the deadline (default: beside the truth)"
     )
-    p.set_defaults(func=_scenario)
-
-
-def _scenario(args: argparse.Namespace) -> int:
-    from meter.scenario import cli
-
-    return cli(args, sys.stdout)
+    p.set_defaults(func=_module_cli("meter.scenario"))
 
 
 def build_parser() -> argparse.ArgumentParser:
