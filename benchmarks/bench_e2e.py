@@ -216,6 +216,7 @@ def run_meter(
     kafka: dict[str, str],
     extra: Sequence[str] = (),
 ) -> Run:
+    from meter.brokers import meter_run_command
     from meter.manifest import list_partitions, load_partition
 
     lake = work / "lake"
@@ -223,30 +224,15 @@ def run_meter(
     procs, logs = [], []
     for i in range(processes):
         log = work / f"meter-{i}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "meter",
-            "run",
-            "--brokers",
+        cmd = meter_run_command(
             brokers,
-            "--topic",
             topic,
-            "--lake",
-            str(lake),
-            "--group",
+            lake,
             group,
-            "--session-timeout-ms",
-            str(SESSION_TIMEOUT_MS),
-            "--batch-max-age-s",
-            str(BATCH_MAX_AGE_S),
-            "--consume-batch",
-            str(CONSUME_BATCH),
-            "--metrics-addr",
-            "",
-            "--log-format",
-            "json",
-        ]
+            session_timeout_ms=SESSION_TIMEOUT_MS,
+            batch_max_age_s=BATCH_MAX_AGE_S,
+            consume_batch=CONSUME_BATCH,
+        )
         for key, value in kafka.items():
             cmd += ["--kafka", f"{key}={value}"]
         cmd += extra

@@ -118,7 +118,7 @@ def measure(
     workdir: Path | None = None,
     timeout: float = 60.0,
 ) -> Result:
-    from meter.brokers import TansuBroker, free_port
+    from meter.brokers import TansuBroker, free_port, meter_run_command
     from meter.gen import generate
 
     work = Path(workdir or tempfile.mkdtemp(prefix="meter-restart-"))
@@ -137,28 +137,15 @@ def measure(
             daemon=True,
         )
         producer.start()
-        cmd = [
-            sys.executable,
-            "-m",
-            "meter",
-            "run",
-            "--brokers",
+        cmd = meter_run_command(
             broker.bootstrap_servers,
-            "--topic",
             topic,
-            "--lake",
-            str(lake),
-            "--group",
+            lake,
             f"restart-{uuid.uuid4().hex[:8]}",
-            "--session-timeout-ms",
-            str(session_timeout_ms),
-            "--batch-max-age-s",
-            str(batch_max_age_s),
-            "--metrics-addr",
-            f"127.0.0.1:{free_port()}",
-            "--log-format",
-            "json",
-        ]
+            session_timeout_ms=session_timeout_ms,
+            batch_max_age_s=batch_max_age_s,
+            metrics_addr=f"127.0.0.1:{free_port()}",
+        )
         if static_membership:
             cmd += ["--instance-id", "meter-0"]
         daemon = Daemon(cmd, log)

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from confluent_kafka import Producer
 
-    from meter.brokers import MockCluster, free_port
+    from meter.brokers import MockCluster, free_port, meter_run_command
     from meter.gen import Tally, plan
     from meter.manifest import totals
     from meter.pricing import load_catalog
@@ -118,22 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     log = open(work / "meter-run.log", "wb")  # noqa: SIM115
     daemon = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "meter",
-            "run",
-            "--brokers",
-            cluster.bootstrap_servers,
-            "--topic",
-            topic,
-            "--lake",
-            str(lake),
-            "--group",
-            f"soak-{uuid.uuid4().hex[:8]}",
-            "--metrics-addr",
-            f"127.0.0.1:{port}",
-            "--log-format",
-            "json",
+            *meter_run_command(
+                cluster.bootstrap_servers,
+                topic,
+                lake,
+                f"soak-{uuid.uuid4().hex[:8]}",
+                metrics_addr=f"127.0.0.1:{port}",
+            ),
             *args.daemon_arg,
         ],
         stdout=log,

@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -39,6 +40,7 @@ __all__ = [
     "MockCluster",
     "TansuBroker",
     "free_port",
+    "meter_run_command",
     "resolve_tansu_binary",
 ]
 
@@ -74,6 +76,19 @@ def free_port(host: str = LOOPBACK) -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def meter_run_command(
+    brokers: str, topic: str, lake: str | os.PathLike[str], group: str, **settings: object
+) -> list[str]:
+    """The argv of a `meter run` process for tests and benchmarks: JSON logs, metrics off
+    unless ``metrics_addr`` is given, and each other setting as its flag
+    (``batch_max_age_s=0.5`` -> ``--batch-max-age-s 0.5``)."""
+    cmd = [sys.executable, "-m", "meter", "run", "--brokers", brokers, "--topic", topic]
+    cmd += ["--lake", os.fspath(lake), "--group", group, "--log-format", "json"]
+    for name, value in {"metrics_addr": "", **settings}.items():
+        cmd += [f"--{name.replace('_', '-')}", str(value)]
+    return cmd
 
 
 def _topic_ready(client: Any, name: str, partitions: int | None, timeout: float) -> int:

@@ -75,33 +75,20 @@ class Daemon:
         kafka: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        from meter.brokers import free_port
+        from meter.brokers import free_port, meter_run_command
 
         self.log = log
         self.port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "meter",
-            "run",
-            "--brokers",
+        cmd = meter_run_command(
             brokers,
-            "--topic",
             topic,
-            "--lake",
-            str(lake),
-            "--group",
+            lake,
             group,
-            "--batch-max-age-s",
-            str(batch_max_age_s),
-            "--session-timeout-ms",
-            str(session_timeout_ms),
-            "--metrics-addr",
-            f"127.0.0.1:{self.port}",
-            "--log-format",
-            "json",
-            *args,
-        ]
+            batch_max_age_s=batch_max_age_s,
+            session_timeout_ms=session_timeout_ms,
+            metrics_addr=f"127.0.0.1:{self.port}",
+        )
+        cmd += args
         for key, value in (kafka or {}).items():
             cmd += ["--kafka", f"{key}={value}"]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
